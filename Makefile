@@ -1,0 +1,38 @@
+# Two entry points on a fresh machine: `make run` (the main job) and `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip's local-index notices are noise; its own exit status still fails the build.
+QUIET := 2>&1 | { grep -v 'is ignored' || true; }
+ESC50_SOURCE ?= ../shared/esc50
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+
+.PHONY: install run test lint bench clean
+
+$(BIN)/esc50: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip $(QUIET)
+	$(BIN)/pip install -q -e ".[dev]" $(QUIET)
+	$(BIN)/python -c "import torch, torchaudio, ray, optuna, mlflow, pyarrow, soundfile"
+	touch $@
+
+install: $(BIN)/esc50
+
+# Main job on embedded defaults: local Ray on loopback, MLflow in ./mlflow.db, shards in ./data.
+run: install
+	$(BIN)/esc50 main --source $(ESC50_SOURCE)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf data runs mlflow.db mlartifacts .pytest_cache
