@@ -1,5 +1,5 @@
-"""The one exception type for mistakes a user can fix: bad options, bad files, bad data."""
+"""Re-export: `UserError` is defined once, in trainable/errors.py (the bottom of the data flow)."""
 
+from trainable.errors import UserError
 
-class UserError(Exception):
-    """A problem in the user's input. The message names the file, row or option at fault."""
+__all__ = ["UserError"]

@@ -12,28 +12,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
 
-from search.errors import UserError
-from trainable.features import FeatureParams, LogMel, fit_length
+from trainable.errors import UserError
+from trainable.features import FeatureParams, LogMel, fit_length, resampler
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 
 
 class AudioError(UserError):
     """A clip that cannot be decoded; the message names the file."""
-
-
-_RESAMPLERS: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
-
-
-def resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
-    """A cached resampling kernel per (source rate, target rate): building one costs more than using it."""
-    key = (int(orig_rate), int(new_rate))
-    r = _RESAMPLERS.get(key)
-    if r is None:
-        r = _RESAMPLERS[key] = torchaudio.transforms.Resample(*key)
-    return r
 
 
 def decode(path: str | Path) -> tuple[np.ndarray, int]:

@@ -140,6 +140,21 @@ class LogMel(torch.nn.Module):
         return self.to_db(spec.unsqueeze(1)).squeeze(1)
 
 
+_RESAMPLERS: dict[tuple[int, int], torchaudio.transforms.Resample] = {}
+
+
+def resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
+    """A cached resampling kernel per (source rate, target rate): building one costs more than using it.
+
+    Shards and the promoted model both resample through this, so a clip at any rate is seen the same way.
+    """
+    key = (int(orig_rate), int(new_rate))
+    r = _RESAMPLERS.get(key)
+    if r is None:
+        r = _RESAMPLERS[key] = torchaudio.transforms.Resample(*key)
+    return r
+
+
 def fit_length(wave: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Cut or zero-pad the last dimension to exactly `num_samples`."""
     n = wave.shape[-1]

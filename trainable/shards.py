@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from search.errors import UserError
+from trainable.errors import UserError
 from trainable.features import FeatureParams
 
 FORMAT = 1
