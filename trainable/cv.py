@@ -1,0 +1,452 @@
+"""The Ray Tune trainable: one trial = one config, cross-validated on the official folds at once.
+
+    import ray
+    from ray import tune
+    from trainable.cv import make_trainable, METRIC, MODE
+
+    ray.init()
+    trainable = make_trainable("data/shards/<id>", folds=(1, 2, 3, 4, 5), cpus_per_fold=1.0)
+    tune.Tuner(trainable, param_space={...TrainConfig keys...},
+               tune_config=tune.TuneConfig(metric=METRIC, mode=MODE),
+               run_config=tune.RunConfig(failure_config=tune.FailureConfig(max_failures=2))).fit()
+
+How a trial runs (`cv_trainable`, top to bottom):
+  1. its config (a plain dict of TrainConfig keys: sampled parameters and constants) is resolved by
+     `resolve_config`, which is strict: an unknown key is an error naming the key;
+  2. one `FoldWorker` actor per fold (trainable/fold_worker.py) is placed in bundle i+1 of the
+     trial's placement group (bundle 0 holds this coordinating function); every worker gets the
+     ObjectRef of the search's shared arrays and copies only its own train/val split out of it;
+  3. if Tune hands the trial a checkpoint (a retry after a failure, or a resumed search), every
+     worker loads its fold's saved state and training continues after the saved epoch;
+  4. the folds train in lock-step: each epoch is `ray.get([w.run_epoch.remote() ...])`, then one
+     `tune.report` with the CV metrics and, every `checkpoint_every` epochs and at the end, a
+     checkpoint holding every fold's state (returned by run_epoch with the metrics); the next
+     epoch is launched before the report, so Tune's round trip overlaps with training;
+  5. a fold worker that dies (its process or node lost) fails the trial with a `FoldWorkerError`
+     naming the fold; Tune's FailureConfig(max_failures) then retries it from its latest checkpoint.
+
+The trial process imports neither torch nor the data modules (seconds per trial on a small CPU).
+
+Data sharing: `make_trainable` puts the arrays into Ray's object store once (`share_data`), so every
+trial and fold of the search reads the same copy: numpy arrays come out of the object store as
+zero-copy read-only views, and each worker copies only its fold's rows. Call it after `ray.init()`
+on the driver. With `data` a shards URI (local path or object store), the driver loads the shards
+itself and puts them once; on a cluster the URI needs to be readable from the driver only (each
+node pulls the arrays from the driver's object store once, when its first fold worker asks).
+
+Metrics reported each epoch (names in `metric_names`): `cv_acc_mean` (the search metric, `METRIC`),
+`cv_acc_std`, `cv_loss_mean`, `cv_train_loss_mean`, `fold<k>_acc`, `fold<k>_loss` for each fold k
+used (official fold numbers), `epoch` (epochs completed), `epoch_seconds` (wall time of the
+lock-step epoch) and `fold_seconds_max` (the slowest fold's own time for the epoch).
+
+Checkpoint layout (a directory; `read_checkpoint` / `load_fold_states` read it back):
+    meta.json    format, config (TrainConfig dict), features (FeatureParams dict), fingerprint,
+                 shards (the URI, if the data was given as one; else null), classes, folds,
+                 epoch, metrics (that epoch's reported metrics), nodes ({"<fold>": Ray node id})
+    fold_<k>.pt  torch.save(FoldTrainer.state_dict()) of official fold k, for every fold in folds
+
+Resuming a search in a new driver (`Tuner.restore(path, trainable=...)`) needs the trainable made
+again with `make_trainable` (the old driver's object-store copy of the data died with it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune import PlacementGroupFactory
+
+from trainable.config import TrainConfig
+from trainable.fold_worker import FoldWorker, state_from_bytes
+
+METRIC = "cv_acc_mean"
+MODE = "max"
+ALL_FOLDS = (1, 2, 3, 4, 5)
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TRIAL_CPUS = 0.1  # bundle 0: the trial function only coordinates its fold workers
+CHECKPOINT_FORMAT = 1
+META_FILE = "meta.json"
+
+
+class FoldWorkerError(RuntimeError):
+    """A fold worker of a trial died or failed; the message names the fold and the epoch."""
+
+
+def fold_file(fold: int) -> str:
+    return f"fold_{int(fold)}.pt"
+
+
+def metric_names(folds: Iterable[int] = ALL_FOLDS) -> list[str]:
+    """Every metric a trial reports each epoch, for `folds` (official fold numbers)."""
+    names = ["cv_acc_mean", "cv_acc_std", "cv_loss_mean", "cv_train_loss_mean", "epoch", "epoch_seconds"]
+    names.append("fold_seconds_max")
+    for k in folds:
+        names += [f"fold{int(k)}_acc", f"fold{int(k)}_loss"]
+    return names
+
+
+def resolve_config(config: Mapping[str, Any]) -> TrainConfig:
+    """A trial's config dict (Tune/Optuna: sampled params + constants) -> TrainConfig.
+
+    Strict: every key must be a TrainConfig field (an unknown key is a ValueError naming it), and
+    every value is checked. Missing keys take TrainConfig's defaults.
+    """
+    try:
+        return TrainConfig.from_dict(dict(config))
+    except TypeError as e:  # e.g. a non-string key
+        raise ValueError(f"invalid training config: {e}") from None
+
+
+def check_folds(folds: Iterable[int]) -> tuple[int, ...]:
+    out = tuple(sorted({int(f) for f in folds}))
+    if not out:
+        raise ValueError("folds: at least one fold is needed")
+    bad = [f for f in out if f not in ALL_FOLDS]
+    if bad:
+        raise ValueError(f"folds {bad} are not official ESC-50 folds {ALL_FOLDS}")
+    return out
+
+
+# ---- the data, shared once per search ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedData:
+    """What a trial needs to know about the search's data, plus the ObjectRef of the arrays.
+
+    `arrays` is a one-element list holding the ref of {"x": (N, n_mels, frames) float16 when the
+    shards store float16 (lossless), else float32, "y": (N,) int64,
+    "fold": (N,) int64} numpy arrays in the object store (a list, so Ray passes the ref on to the
+    fold workers instead of fetching the arrays into the trial process).
+    """
+
+    arrays: list[Any]
+    features: dict[str, Any]
+    classes: tuple[str, ...]
+    fingerprint: str | None
+    folds_present: tuple[int, ...]
+    n_clips: int
+    info: dict[str, Any] = field(default_factory=dict)
+    shards: str | None = None  # the shards URI, when the data was given as one
+
+
+def share_data(data: Any, folds: Iterable[int] | None = None) -> SharedData:
+    """Put the search's data into Ray's object store, once. Needs `ray.init()` first.
+
+    `data`: a `trainable.shards.FoldData`, a shards URI (loaded here, in the driver), or a
+    `SharedData` (returned as is, so several searches/resumes can reuse one put).
+    """
+    if isinstance(data, SharedData):
+        return data
+    if not ray.is_initialized():
+        raise RuntimeError("share_data/make_trainable need a running Ray: call ray.init() first")
+    import torch
+
+    uri = None
+    if isinstance(data, (str, os.PathLike)):
+        from trainable.shards import load_shards
+
+        uri = str(data)
+        data = load_shards(uri)
+        if "://" not in uri:
+            uri = os.path.abspath(uri)  # recorded in checkpoints: must mean the same on any node
+    x = data.x
+    if x.dim() == 4:  # FoldData keeps a channel axis: (N, 1, n_mels, frames)
+        x = x.squeeze(1)
+    if getattr(data.params, "storage_dtype", None) == "float16" and x.dtype == torch.float32:
+        # The shards hold float16, so this is lossless; it halves the object store's copy, every
+        # fold worker's, and the device memory (FoldTrainer converts each batch to float32).
+        x = x.to(torch.float16)
+    arrays = {
+        "x": x.contiguous().numpy(),
+        "y": data.y.to(torch.int64).contiguous().numpy(),
+        "fold": data.fold.to(torch.int64).contiguous().numpy(),
+    }
+    if folds is not None:
+        missing = [f for f in check_folds(folds) if not (arrays["fold"] == f).any()]
+        if missing:
+            raise ValueError(f"the data has no clips of fold(s) {missing}")
+    info = dict(getattr(data, "info", {}) or {})
+    return SharedData(
+        arrays=[ray.put(arrays)],
+        features=data.params.to_dict(),
+        classes=tuple(data.classes),
+        fingerprint=info.get("fingerprint"),
+        folds_present=tuple(sorted(set(arrays["fold"].tolist()))),
+        n_clips=int(len(arrays["y"])),
+        info=info,
+        shards=uri,
+    )
+
+
+# ---- the trainable ----------------------------------------------------------------------------
+
+
+def make_trainable(
+    data: Any,
+    folds: Sequence[int] = ALL_FOLDS,
+    cpus_per_fold: float = 1.0,
+    gpus_per_fold: float = 0.0,
+    strategy: str = "PACK",
+    checkpoint_every: int = 1,
+    fail_at: tuple[int, int, str] | None = None,
+):
+    """The trainable to give `tune.Tuner`: `cv_trainable` with the data and its resources.
+
+    data: FoldData, shards URI or SharedData (see `share_data`; put in the object store once, here).
+    folds: which official folds to cross-validate (default all 5; fewer for smoke runs). Each fold
+        trains on every other fold present in the data and validates on itself.
+    cpus_per_fold, gpus_per_fold: resources of each fold worker (fractional allowed; a worker uses
+        max(1, int(cpus_per_fold)) torch threads).
+    strategy: placement of a trial's bundles: PACK (default: one node when they fit, else spread),
+        SPREAD, or the STRICT_ variants.
+    checkpoint_every: report a checkpoint every this many epochs (and always at the last epoch).
+    fail_at: test hook (fold, epoch, marker_file): that fold's worker exits hard before that epoch
+        if the marker file does not exist yet (and creates it), i.e. on the first attempt only.
+    """
+    folds = check_folds(folds)
+    strategy = str(strategy).upper()
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
+    if cpus_per_fold <= 0 or gpus_per_fold < 0:
+        raise ValueError("need cpus_per_fold > 0 and gpus_per_fold >= 0")
+    if int(checkpoint_every) < 1:
+        raise ValueError("checkpoint_every must be >= 1")
+    shared = share_data(data, folds)
+    bundle = {"CPU": float(cpus_per_fold)}
+    if gpus_per_fold > 0:
+        bundle["GPU"] = float(gpus_per_fold)
+    resources = PlacementGroupFactory(
+        [{"CPU": TRIAL_CPUS}] + [dict(bundle) for _ in folds], strategy=strategy
+    )
+    fn = tune.with_parameters(
+        cv_trainable,
+        data=shared,
+        folds=folds,
+        cpus_per_fold=float(cpus_per_fold),
+        gpus_per_fold=float(gpus_per_fold),
+        checkpoint_every=int(checkpoint_every),
+        fail_at=fail_at,
+    )
+    return tune.with_resources(fn, resources)
+
+
+def cv_trainable(
+    config: dict[str, Any],
+    data: SharedData,
+    folds: Sequence[int] = ALL_FOLDS,
+    cpus_per_fold: float = 1.0,
+    gpus_per_fold: float = 0.0,
+    checkpoint_every: int = 1,
+    fail_at: tuple[int, int, str] | None = None,
+) -> None:
+    """One Tune trial (function API): see the module docstring. Use `make_trainable` to build it.
+
+    This process only coordinates: it never imports torch (the fold workers do the training).
+    """
+    cfg = resolve_config(config)
+    folds = check_folds(folds)
+    missing = [f for f in folds if f not in data.folds_present]
+    if missing:
+        raise ValueError(f"the data has no clips of fold(s) {missing}")
+    workers, nodes = _start_workers(data, cfg, folds, cpus_per_fold, gpus_per_fold, fail_at)
+    try:
+        epoch = _restore(workers, cfg, folds)
+
+        def start(e: int) -> list[Any] | None:  # launch epoch e+1 on every fold
+            if e >= cfg.epochs:
+                return None
+            save = (e + 1) % checkpoint_every == 0 or e + 1 == cfg.epochs
+            return [w.run_epoch.remote(save) for w in workers.values()]
+
+        pending, t0 = start(epoch), time.perf_counter()
+        while pending is not None:
+            results = _gather(workers, pending, f"epoch {epoch + 1}")
+            epoch += 1
+            # Lock-step, pipelined: the next epoch starts before this one is reported, so the
+            # report round trip (Tune, its callbacks, checkpoint upload) overlaps with training.
+            pending = start(epoch)
+            t1 = time.perf_counter()
+            per_fold = {k: m for k, (m, _) in zip(workers, results, strict=True)}
+            metrics = cv_metrics(per_fold, epoch, t1 - t0)
+            t0 = t1
+            states = {k: blob for k, (_, blob) in zip(workers, results, strict=True) if blob is not None}
+            if states:
+                with tempfile.TemporaryDirectory(prefix="cv_ckpt_") as d:
+                    write_checkpoint(d, cfg, data, states, epoch, metrics, nodes)
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            else:
+                tune.report(metrics)
+    finally:
+        for w in workers.values():
+            ray.kill(w)
+
+
+def cv_metrics(per_fold: Mapping[int, Mapping[str, float]], epoch: int, seconds: float) -> dict[str, Any]:
+    """The reported metrics from each fold's `FoldTrainer.train_epoch()` metrics.
+
+    `seconds`: wall time of the lock-step epoch (`epoch_seconds`); `fold_seconds_max` is the
+    slowest fold's own training + evaluation time, so their difference is the coordination cost."""
+    accs = np.array([per_fold[k]["val_acc"] for k in per_fold], dtype=np.float64)
+    losses = np.array([per_fold[k]["val_loss"] for k in per_fold], dtype=np.float64)
+    train = np.array([per_fold[k]["train_loss"] for k in per_fold], dtype=np.float64)
+    out: dict[str, Any] = {
+        "cv_acc_mean": float(accs.mean()),
+        "cv_acc_std": float(accs.std()),
+        "cv_loss_mean": float(losses.mean()),
+        "cv_train_loss_mean": float(train.mean()),
+        "epoch": int(epoch),
+        "epoch_seconds": float(seconds),
+        "fold_seconds_max": float(max(m.get("epoch_seconds", 0.0) for m in per_fold.values())),
+    }
+    for k, m in per_fold.items():
+        out[f"fold{k}_acc"] = float(m["val_acc"])
+        out[f"fold{k}_loss"] = float(m["val_loss"])
+    return out
+
+
+def _start_workers(
+    data: SharedData,
+    cfg: TrainConfig,
+    folds: Sequence[int],
+    cpus_per_fold: float,
+    gpus_per_fold: float,
+    fail_at: tuple[int, int, str] | None,
+) -> tuple[dict[int, Any], dict[int, str]]:
+    """One FoldWorker per fold, in bundle i+1 of the trial's placement group (if it has one).
+
+    Returns the workers and the node id each one runs on, by fold."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    pg = ray.util.get_current_placement_group()
+    workers = {}
+    for i, k in enumerate(folds):
+        opts: dict[str, Any] = {"num_cpus": cpus_per_fold, "num_gpus": gpus_per_fold, "max_restarts": 0}
+        if pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=i + 1
+            )
+        workers[k] = FoldWorker.options(**opts).remote(
+            data.arrays, k, cfg.to_dict(), threads=max(1, int(cpus_per_fold)), fail_at=fail_at
+        )
+    try:
+        ready = _gather(workers, [w.ready.remote() for w in workers.values()], "start")
+    except BaseException:
+        for w in workers.values():
+            ray.kill(w)
+        raise
+    return workers, {r["fold"]: r["node"] for r in ready}
+
+
+def _restore(workers: Mapping[int, Any], cfg: TrainConfig, folds: Sequence[int]) -> int:
+    """Load every fold's state from Tune's checkpoint, if there is one; returns the epoch to go on from."""
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return 0
+    with ckpt.as_directory() as d:
+        meta, blobs = read_checkpoint(d, folds)
+        saved = resolve_config(meta["config"])
+        if saved != cfg:
+            diff = [k for k in TrainConfig.keys() if getattr(saved, k) != getattr(cfg, k)]
+            raise ValueError(f"checkpoint {d} was written for another config (differs in {diff})")
+        epochs = _gather(workers, [workers[k].load_state.remote(blobs[k]) for k in workers], "resume")
+    if any(e != meta["epoch"] for e in epochs):
+        raise ValueError(f"checkpoint fold states are at epochs {epochs}, meta.json says {meta['epoch']}")
+    return int(meta["epoch"])
+
+
+def _gather(workers: Mapping[int, Any], refs: list[Any], what: str) -> list[Any]:
+    """The results of one call per worker, in fold order; a dead or failing worker names its fold.
+
+    Results are taken as they come (ray.wait), so a fold lost early fails the trial at once instead
+    of after the other folds finish their epoch."""
+    fold_of = {ref: k for k, ref in zip(workers, refs, strict=True)}
+    done: dict[int, Any] = {}
+    remaining = list(refs)
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1)
+        for ref in ready:
+            k = fold_of[ref]
+            try:
+                done[k] = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                how = "failed to start" if "creation task" in str(e) else "died"  # bad config vs lost process
+                raise FoldWorkerError(f"fold {k} worker {how} ({what}): {type(e).__name__}: {e}") from None
+            except ray.exceptions.RayTaskError as e:
+                raise FoldWorkerError(f"fold {k} worker failed ({what}): {e}") from None
+    return [done[k] for k in workers]
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+
+def write_checkpoint(
+    directory: str | Path,
+    cfg: TrainConfig,
+    data: SharedData,
+    states: Mapping[int, bytes],
+    epoch: int,
+    metrics: Mapping[str, Any] | None = None,
+    nodes: Mapping[int, str] | None = None,
+) -> None:
+    """Write the contract layout: meta.json + fold_<k>.pt (bytes of torch.save(state_dict())).
+
+    `nodes`: the Ray node id each fold trained on (for the multi-node test and for debugging)."""
+    directory = Path(directory)
+    for k, blob in states.items():
+        (directory / fold_file(k)).write_bytes(blob)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "features": dict(data.features),
+        "fingerprint": data.fingerprint,
+        "shards": data.shards,
+        "classes": list(data.classes),
+        "folds": sorted(int(k) for k in states),
+        "epoch": int(epoch),
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
+        "nodes": {str(k): v for k, v in (nodes or {}).items()},
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def read_checkpoint(
+    directory: str | Path, folds: Iterable[int] | None = None
+) -> tuple[dict[str, Any], dict[int, bytes]]:
+    """(meta, {fold: state bytes}) of a checkpoint directory; `folds` (default: meta's) must be in it."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{directory}: not a CV checkpoint ({META_FILE}: {e})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{directory}: checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}"
+        )
+    want = check_folds(meta["folds"] if folds is None else folds)
+    missing = [k for k in want if k not in meta["folds"] or not (directory / fold_file(k)).exists()]
+    if missing:
+        raise ValueError(f"{directory}: checkpoint has no state for fold(s) {missing} (has {meta['folds']})")
+    return meta, {k: (directory / fold_file(k)).read_bytes() for k in want}
+
+
+def load_fold_states(directory: str | Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """(meta, {fold: FoldTrainer state dict}) of a checkpoint directory, for promotion and tests."""
+    meta, blobs = read_checkpoint(directory)
+    return meta, {k: state_from_bytes(b) for k, b in blobs.items()}
+
+
+def checkpoint_features(meta: Mapping[str, Any]) -> Any:
+    """The FeatureParams a checkpoint's models expect as input."""
+    from trainable.features import FeatureParams
+
+    return FeatureParams.from_dict(meta["features"])
