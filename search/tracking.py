@@ -1,0 +1,475 @@
+"""MLflow records of a search: one parent run per search, one nested child run per trial.
+
+    check_tracking(uri)                                     # UserError before any trial starts
+    parent = open_search_run(uri, opts, space)              # created, or found again on resume
+    callback = MLflowTrialCallback(uri, parent.experiment_id, opts.name, parent.run_id, opts.folds)
+    tune.RunConfig(callbacks=[callback], ...)
+    finish_search_run(uri, parent.run_id, ...)              # best result, tables, plots
+
+The parent run (tags `esc50.role=search`, `esc50.search=<name>`) holds every resolved option as a
+param, the budget, the space (its source and description) as artifacts, and when the search ends
+the best result (metrics `best_cv_acc_mean`..., tags `esc50.best_*`), the results CSV and the
+Optuna plots. Each child run (tags `esc50.role=trial`, `esc50.search`, `esc50.trial_id`,
+`mlflow.parentRunId`) holds the trial's resolved training config as params, every epoch's metrics
+(`cv_acc_mean`, `cv_acc_std`, per-fold `fold<k>_acc`/`fold<k>_loss`, ... at step = epoch), the tag
+`esc50.checkpoint` (its latest Tune checkpoint: meta.json + fold_<k>.pt) and the tag
+`esc50.status`: completed (MLflow FINISHED), pruned (stopped early by ASHA; MLflow KILLED),
+failed (MLflow FAILED), or interrupted (the driver stopped; MLflow KILLED until resumed).
+
+Nothing is logged twice: the callback finds a search's existing runs by tag (on resume), and skips
+an epoch already logged for a trial (a trial resumed from an older checkpoint reports it again).
+Only the driver talks to MLflow (the callback runs in the Tune driver), with the URI the driver
+resolved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from search.errors import UserError
+
+TAG_ROLE = "esc50.role"
+TAG_SEARCH = "esc50.search"
+TAG_TRIAL = "esc50.trial_id"
+TAG_TRIAL_ALIAS = "esc50.trial"  # the same id, under the name the promote step also reads
+TAG_CHECKPOINT = "esc50.checkpoint"
+TAG_STATUS = "esc50.status"
+TAG_SPACE = "esc50.space"
+TAG_PARENT = "mlflow.parentRunId"
+METRIC = "cv_acc_mean"
+COMPLETED, PRUNED, FAILED, RUNNING, INTERRUPTED = "completed", "pruned", "failed", "running", "interrupted"
+ENDED = (COMPLETED, PRUNED, FAILED)  # a trial in one of these will not run again
+MLFLOW_STATUS = {COMPLETED: "FINISHED", PRUNED: "KILLED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
+
+log = logging.getLogger(__name__)
+
+
+def quiet_mlflow() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store.sql_alchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    quiet_mlflow()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def _no_retries():
+    """An unreachable server should fail in seconds, not after MLflow's minutes of retries."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_tracking(uri: str) -> None:
+    """Reach the tracking store (and create a SQLite one); UserError naming --tracking-uri if not."""
+    if uri.startswith("sqlite:///"):
+        folder = os.path.dirname(uri[len("sqlite:///") :]) or "."
+        if not os.path.isdir(folder):
+            raise UserError(f"--tracking-uri {uri}: the folder {folder} does not exist")
+    try:
+        with _no_retries():
+            client(uri).search_experiments(max_results=1)
+    except Exception as e:  # MlflowException, connection errors, sqlalchemy errors...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--tracking-uri {uri}: cannot use this tracking store: {first[:300]}") from None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Local artifacts beside a SQLite store (<db folder>/mlartifacts); None: the store's default."""
+    if uri.startswith("sqlite:///"):
+        return os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
+    return None
+
+
+def experiment_id(c: Any, name: str, tracking_uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def search_runs(c: Any, exp_id: str, search: str, role: str) -> list[Any]:
+    """Every run of `search` with `role` (search | trial) in the experiment, oldest first."""
+    flt = f"tags.`{TAG_ROLE}` = {_quote(role)} AND tags.`{TAG_SEARCH}` = {_quote(search)}"
+    out, token = [], None
+    while True:
+        page = c.search_runs(
+            [exp_id], flt, max_results=1000, page_token=token, order_by=["attributes.start_time ASC"]
+        )
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+# ---- the parent run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    run_id: str
+    experiment_id: str
+    resumed: bool  # the run existed (a resumed search)
+
+
+def open_search_run(
+    uri: str, opts: Any, space: Any, budget: Mapping[str, Any], resume: bool = True
+) -> SearchRun:
+    """The search's parent run: found by tag (resume) or created with the options and the space.
+
+    A new search (`resume=False`) whose name MLflow already has is a UserError, unless that earlier
+    run never got to a trial (it failed while starting): then it is replaced."""
+    c = client(uri)
+    exp_id = experiment_id(c, opts.experiment, uri)
+    found = search_runs(c, exp_id, opts.name, "search")
+    if found and not resume:
+        if search_runs(c, exp_id, opts.name, "trial"):
+            raise UserError(
+                f"--name {opts.name}: MLflow at {uri} already has a search of that name (experiment "
+                f"{opts.experiment}); choose another --name, or --resume {opts.name} with its --storage"
+            )
+        for run in found:
+            c.delete_run(run.info.run_id)
+        found = []
+    if found:
+        run = found[-1]
+        if run.info.status != "RUNNING":
+            c.update_run(run.info.run_id, status="RUNNING")
+        c.set_tag(run.info.run_id, "esc50.resumed", str(int(run.data.tags.get("esc50.resumed", "0")) + 1))
+        return SearchRun(run.info.run_id, exp_id, True)
+    tags = {
+        TAG_ROLE: "search",
+        TAG_SEARCH: opts.name,
+        TAG_SPACE: space.label,
+        "mlflow.note.content": _note(opts),
+    }
+    run = c.create_run(exp_id, run_name=opts.name, tags=tags)
+    rid = run.info.run_id
+    from mlflow.entities import Param
+
+    params = {**opts.mlflow_params(), **{f"budget_{k}": str(v) for k, v in budget.items()}}
+    c.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "esc50_search.json"), "w") as f:
+            f.write(opts.to_json())
+        src = "space.py"
+        with open(os.path.join(d, src), "w") as f:
+            f.write(space.source())
+        try:
+            text = space.describe().text()
+        except Exception as e:  # describing is a courtesy; the space was validated already
+            text = f"(could not describe: {e})"
+        with open(os.path.join(d, "space.txt"), "w") as f:
+            f.write(f"space: {space.label}\noverrides: {dict(space.overrides)}\n\n{text}\n")
+        c.log_artifact(rid, os.path.join(d, "esc50_search.json"))
+        c.log_artifact(rid, os.path.join(d, src), "space")
+        c.log_artifact(rid, os.path.join(d, "space.txt"), "space")
+    return SearchRun(rid, exp_id, False)
+
+
+def _note(opts: Any) -> str:
+    return (
+        f"esc50 search {opts.name}: space {opts.space}, {opts.trials} trials x folds "
+        f"{','.join(map(str, opts.folds))}, sampler {opts.sampler}, ASHA {'on' if opts.asha else 'off'}"
+    )
+
+
+def finish_search_run(
+    uri: str,
+    run_id: str,
+    status: str,
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+    artifacts: Iterable[tuple[str, str | None]] = (),
+) -> None:
+    """Best result, counts and artifacts ((local file, artifact dir)) on the parent; then end it."""
+    from mlflow.entities import Metric, RunTag
+
+    c = client(uri)
+    now = int(time.time() * 1000)
+    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)]
+    c.log_batch(run_id, metrics=ms, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    for path, folder in artifacts:
+        try:
+            c.log_artifact(run_id, path, folder)
+        except Exception as e:  # an artifact store hiccup must not lose the search's result
+            log.warning("could not log artifact %s: %s", path, e)
+    c.set_terminated(run_id, status=status)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ---- trial status -------------------------------------------------------------------------------
+
+
+def trial_status(config: Mapping[str, Any], last_result: Mapping[str, Any] | None, errored: bool) -> str:
+    """completed (all epochs), pruned (stopped early by the scheduler) or failed."""
+    if errored:
+        return FAILED
+    from trainable.config import TrainConfig
+
+    epochs = int(config.get("epochs", TrainConfig().epochs))
+    done = int((last_result or {}).get("epoch") or 0)
+    return COMPLETED if done >= epochs else PRUNED
+
+
+def checkpoint_uri(checkpoint: Any) -> str:
+    """A Tune checkpoint's location as a path (local) or URI (object store) that pyarrow can open."""
+    path = str(checkpoint.path)
+    fs = getattr(checkpoint, "filesystem", None)
+    kind = getattr(fs, "type_name", "local")
+    if kind in ("local", "mock", None) or "://" in path:
+        return path
+    scheme = {"gcs": "gs"}.get(kind, kind)
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def trial_metrics(result: Mapping[str, Any], folds: Iterable[int]) -> dict[str, float]:
+    """The metrics the trainable reports (trainable/cv.py metric_names), numeric and present."""
+    from trainable.cv import metric_names
+
+    out = {}
+    for k in metric_names(folds):
+        v = result.get(k)
+        if _finite(v):
+            out[k] = float(v)
+    return out
+
+
+# ---- the Tune callback: one child run per trial ---------------------------------------------------
+
+
+def _safe(hook):
+    """A tracking hiccup (a store briefly unreachable) is retried once, then warned about (naming
+    the hook): it must not end a search that has trained for an hour; Tune's own records stay whole."""
+    import functools
+
+    @functools.wraps(hook)
+    def wrapper(self, *args, **kwargs):
+        for attempt in (1, 2):
+            try:
+                return hook(self, *args, **kwargs)
+            except Exception as e:
+                if attempt == 2:
+                    log.warning("MLflow tracking: %s failed: %s: %s", hook.__name__, type(e).__name__, e)
+                    return None
+                time.sleep(1.0)
+                self._client = None
+
+    return wrapper
+
+
+class MLflowTrialCallback(tune.Callback):
+    """Logs every trial of a Tune run as a nested MLflow run under the search's parent run.
+
+    Picklable with plain state only (Tune saves it in tuner.pkl and a resumed search uses that
+    copy): MLflow clients and caches are made again after unpickling.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_id: str,
+        search: str,
+        parent_run_id: str,
+        folds: Iterable[int],
+        sampled: Iterable[str] = (),
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        self.sampled = tuple(sampled)  # names the space samples (the rest of a config is constant)
+        self.experiment_id = experiment_id
+        self.search = search
+        self.parent_run_id = parent_run_id
+        self.folds = tuple(int(f) for f in folds)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._client = None
+        self._runs: dict[str, str] | None = None  # trial id -> run id
+        self._steps: dict[str, set[int]] = {}  # run id -> epochs logged
+        self._done: set[str] = set()  # trial ids whose run was ended by this process
+        self._orphans_checked = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # ---- runs ---------------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = client(self.tracking_uri)
+        return self._client
+
+    def _known(self) -> dict[str, str]:
+        if self._runs is None:
+            self._runs = {}
+            for run in search_runs(self.client, self.experiment_id, self.search, "trial"):
+                tid = run.data.tags.get(TAG_TRIAL)
+                if tid and tid not in self._runs:
+                    self._runs[tid] = run.info.run_id
+        return self._runs
+
+    def run_id(self, trial: Any) -> str:
+        """The trial's run: the one already recorded for it (resume), else a new one."""
+        runs = self._known()
+        tid = trial.trial_id
+        if tid in runs:
+            rid = runs[tid]
+            if rid not in self._steps:
+                history = self.client.get_metric_history(rid, METRIC)
+                self._steps[rid] = {int(m.step) for m in history}
+            return rid
+        from mlflow.entities import Param
+
+        from trainable.cv import resolve_config
+
+        tags = {
+            TAG_ROLE: "trial",
+            TAG_SEARCH: self.search,
+            TAG_TRIAL: tid,
+            TAG_TRIAL_ALIAS: tid,
+            TAG_PARENT: self.parent_run_id,
+            TAG_STATUS: RUNNING,
+            "esc50.folds": ",".join(map(str, self.folds)),
+            "esc50.sampled": ",".join(k for k in self.sampled if k in trial.config),
+        }
+        run = self.client.create_run(self.experiment_id, run_name=f"trial_{tid}", tags=tags)
+        rid = run.info.run_id
+        try:
+            params = resolve_config(trial.config).to_dict()
+        except ValueError:  # the trial will fail and say why; still record what it was given
+            params = dict(trial.config)
+        self.client.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+        runs[tid] = rid
+        self._steps[rid] = set()
+        return rid
+
+    def _set_status(self, trial: Any, status: str, error: str | None = None) -> None:
+        rid = self.run_id(trial)
+        self.client.set_tag(rid, TAG_STATUS, status)
+        if error:
+            self.client.set_tag(rid, "esc50.error", error[:5000])
+        self.client.set_terminated(rid, status=MLFLOW_STATUS[status])
+        self._done.add(trial.trial_id)
+
+    # ---- Tune hooks -----------------------------------------------------------------------------
+    def setup(self, **info: Any) -> None:
+        self._reset()
+
+    @_safe
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Once, at the first step: runs of trials that Tune does not know (the driver died after
+        making a trial and before Tune saved its state; the resumed Tune never ran it) are deleted,
+        so the search keeps exactly one run per trial Tune ran."""
+        if self._orphans_checked:
+            return
+        self._orphans_checked = True
+        live = {t.trial_id for t in trials}
+        for tid, rid in list(self._known().items()):
+            if tid not in live:
+                self.client.set_tag(rid, TAG_STATUS, "lost")
+                self.client.set_terminated(rid, status="KILLED")
+                self.client.delete_run(rid)
+                del self._runs[tid]  # type: ignore[union-attr]
+
+    @_safe
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        rid = self.run_id(trial)
+        run = self.client.get_run(rid)
+        if run.info.status != "RUNNING":  # a resumed trial: its run goes on
+            self.client.update_run(rid, status="RUNNING")
+            self.client.set_tag(rid, TAG_STATUS, RUNNING)
+        self._done.discard(trial.trial_id)
+
+    @_safe
+    def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    @_safe
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        from mlflow.entities import Metric
+
+        rid = self.run_id(trial)
+        step = int(result.get("epoch") or result.get("training_iteration") or 0)
+        if step in self._steps[rid]:
+            return  # a trial resumed from an older checkpoint reports this epoch again
+        now = int(time.time() * 1000)
+        metrics = trial_metrics(result, self.folds)
+        self.client.log_batch(rid, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        self._steps[rid].add(step)
+
+    @_safe
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        self.client.set_tag(self.run_id(trial), TAG_CHECKPOINT, checkpoint_uri(checkpoint))
+
+    @_safe
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.client.set_tag(self.run_id(trial), "esc50.failures", str(getattr(trial, "num_failures", "")))
+
+    @_safe
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._set_status(trial, trial_status(trial.config, trial.last_result, errored=False))
+
+    @_safe
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        error = None
+        try:
+            if trial.error_file and os.path.exists(trial.error_file):
+                with open(trial.error_file) as f:
+                    error = f.read().strip().splitlines()[-1]
+        except (OSError, IndexError):
+            pass
+        self._set_status(trial, FAILED, error)
+
+    @_safe
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Close the runs Tune ended without a completion hook (a stopper's stop-all), and mark the
+        unfinished ones (the driver was interrupted) KILLED/interrupted until a resume goes on."""
+        for trial in trials:
+            rid = self._known().get(trial.trial_id)
+            if rid is None or trial.trial_id in self._done:
+                continue
+            if trial.status == "TERMINATED":
+                status = trial_status(trial.config, trial.last_result, errored=False)
+            elif trial.status == "ERROR":
+                status = FAILED
+            else:
+                status = INTERRUPTED
+            self.client.set_tag(rid, TAG_STATUS, status)
+            self.client.set_terminated(rid, status=MLFLOW_STATUS[status])

@@ -1,0 +1,79 @@
+"""`esc50 ui`: the MLflow UI on 127.0.0.1 over the same store the searches log to.
+
+Light enough for a laptop: one server worker, bound to loopback. The store is the one `esc50
+search` uses by default ($MLFLOW_TRACKING_URI, else ./mlflow.db), with its local artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+from search.errors import UserError
+from search.options import tracking_uri as resolve_uri
+from search.tracking import artifact_root, check_tracking
+
+
+def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
+    """The `mlflow server` command line for `uri` (a resolved tracking URI)."""
+    exe = shutil.which("mlflow", path=os.path.dirname(sys.executable))
+    cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+    cmd += ["server", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    root = artifact_root(uri)
+    if root:
+        cmd += ["--default-artifact-root", root]
+    return cmd
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def run_ui(uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") -> int:
+    """Start the UI and wait for it (Ctrl-C stops it). Returns the server's exit status."""
+    uri = resolve_uri(uri)
+    if not (0 < int(port) < 65536):
+        raise UserError(f"--port {port}: not a TCP port")
+    if uri.startswith(("http://", "https://", "databricks")):
+        raise UserError(f"--tracking-uri {uri}: that is a server already: open it in a browser")
+    check_tracking(uri)
+    if not _port_free(host, int(port)):
+        raise UserError(f"--port {port}: something already listens on {host}:{port}; choose another --port")
+    cmd = ui_command(uri, int(port), host)
+    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: stopping it stops its workers
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)  # `kill` stops the server too, not only Ctrl-C
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (mlflow server + its uvicorn worker), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,201 @@
+"""MLflow records of a search agree with Tune's: the same trials, the same per-epoch metrics, one parent
+run with nested trial runs, the statuses; and the callback never logs anything twice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from search.options import SearchOptions
+from search.tracking import MLflowTrialCallback, check_tracking, client, experiment_id, open_search_run
+from trainable.config import TrainConfig
+
+
+def tune_records(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Tune's own record of a search: trial id -> every result it reported (result.json)."""
+    out = {}
+    for d in sorted(results_dir.glob("trial_*")):
+        lines = (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []
+        out[d.name.removeprefix("trial_")] = [json.loads(x) for x in lines if x.strip()]
+    return out
+
+
+def mlflow_runs(uri: str, search: str, experiment: str = "esc50") -> tuple[Any, dict[str, Any]]:
+    """(the search's parent run, {trial id: child run}); asserts there is one run per trial and search."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment).experiment_id
+    parents = c.search_runs([exp], f"tags.`esc50.role` = 'search' AND tags.`esc50.search` = '{search}'")
+    assert len(parents) == 1, [p.info.run_id for p in parents]
+    children = c.search_runs([exp], f"tags.`esc50.role` = 'trial' AND tags.`esc50.search` = '{search}'")
+    by_trial: dict[str, Any] = {}
+    for r in children:
+        tid = r.data.tags["esc50.trial_id"]
+        assert tid not in by_trial, f"two MLflow runs for trial {tid}"
+        by_trial[tid] = r
+    return parents[0], by_trial
+
+
+def assert_agree(
+    uri: str, search: str, results_dir: Path, folds: tuple[int, ...], trials: set[str] | None = None
+) -> dict[str, str]:
+    """Tune's results and MLflow's runs describe the same search; returns {trial id: status}.
+
+    `trials`: the trial ids of the search (default: every trial directory Tune wrote)."""
+    c = client(uri)
+    parent, runs = mlflow_runs(uri, search)
+    records = tune_records(results_dir)
+    if trials is not None:
+        records = {k: v for k, v in records.items() if k in trials}
+    assert set(runs) == set(records)
+    statuses = {}
+    for tid, results in records.items():
+        run = runs[tid]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        config = results[-1]["config"]
+        assert run.data.params == {k: str(v) for k, v in TrainConfig.from_dict(config).to_dict().items()}
+        epochs = [r["epoch"] for r in results]
+        assert epochs == sorted(set(epochs)), f"Tune reported an epoch twice: {epochs}"
+        for key in ["cv_acc_mean", "cv_acc_std", "cv_loss_mean"] + [f"fold{k}_acc" for k in folds]:
+            history = c.get_metric_history(run.info.run_id, key)
+            got = sorted((m.step, m.value) for m in history)
+            want = sorted((r["epoch"], pytest.approx(r[key])) for r in results)
+            assert got == want, (tid, key, got, want)
+        status = "completed" if epochs[-1] == config["epochs"] else "pruned"
+        assert run.data.tags["esc50.status"] == status
+        assert run.info.status == {"completed": "FINISHED", "pruned": "KILLED"}[status]
+        ckpt = Path(run.data.tags["esc50.checkpoint"])
+        meta = json.loads((ckpt / "meta.json").read_text())
+        assert meta["epoch"] == epochs[-1] and meta["folds"] == list(folds)
+        statuses[tid] = status
+    return statuses
+
+
+@pytest.mark.ray
+def test_smoke_search_tune_and_mlflow_agree(
+    ray_session: None, tiny_shards: str, mlflow_uri: str, tmp_path: Path
+) -> None:
+    from search.tune import run_search
+
+    opts = SearchOptions(
+        name="agree", smoke=True, trials=3, folds=(1, 2), epochs=2, concurrency=3, shards=tiny_shards,
+        tracking_uri=mlflow_uri, storage=str(tmp_path / "runs"), grace_period=1, verbose=0,
+    )  # fmt: skip
+    result = run_search(opts)
+    assert not result.interrupted and sum(result.counts.values()) == 3
+    statuses = assert_agree(mlflow_uri, "agree", tmp_path / "runs" / "agree", (1, 2))
+    assert result.counts["completed"] == sum(s == "completed" for s in statuses.values())
+
+    # The parent: every option, the best result, the results table and the plots.
+    parent, runs = mlflow_runs(mlflow_uri, "agree")
+    assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
+    for key in SearchOptions.__dataclass_fields__:
+        assert key in parent.data.params, key
+    assert parent.data.params["folds"] == "1,2" and parent.data.params["smoke"] == "True"
+    assert parent.data.params["budget_fold_epochs"] == str(3 * 2 * 2)
+    completed = [r for r in runs.values() if r.data.tags["esc50.status"] == "completed"]
+    top = max(r.data.metrics["cv_acc_mean"] for r in completed)
+    best = next(r for r in completed if r.info.run_id == result.best_run_id)  # the best is a completed trial
+    assert best.data.metrics["cv_acc_mean"] == pytest.approx(top) == result.best_cv_acc_mean
+    assert parent.data.metrics["best_cv_acc_mean"] == pytest.approx(top)
+    assert result.best_run_id == parent.data.tags["esc50.best_run_id"]
+    assert result.best_trial_id == best.data.tags["esc50.trial_id"] == parent.data.tags["esc50.best_trial_id"]
+    assert result.best_checkpoint == best.data.tags["esc50.checkpoint"]
+    assert parent.data.metrics["fold_epochs"] == result.fold_epochs
+
+    c = client(mlflow_uri)
+    names = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "esc50_search.json", "space", "plots"} <= names
+    plots = {a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/optimization_history.png" in plots and "plots/intermediate_values.png" in plots
+    table = list(csv.DictReader(open(c.download_artifacts(parent.info.run_id, "results.csv", str(tmp_path)))))
+    assert {row["trial_id"] for row in table} == set(runs)
+    assert {row["trial_id"]: row["status"] for row in table} == statuses
+    assert {row["trial_id"]: row["mlflow_run_id"] for row in table} == {
+        t: r.info.run_id for t, r in runs.items()
+    }
+
+    # The options are saved beside Tune's results too, resolved.
+    saved = json.loads((tmp_path / "runs" / "agree" / "esc50_search.json").read_text())
+    assert saved["shards"] == tiny_shards and saved["concurrency"] == 3 and saved["trials"] == 3
+
+
+# ---- the callback on its own: nothing twice, runs found again after a restart ------------------------
+
+
+def _trial(tid: str, epochs: int = 2) -> SimpleNamespace:
+    cfg = {"epochs": epochs, "lr": 0.01, "device": "cpu"}
+    return SimpleNamespace(
+        trial_id=tid, config=cfg, last_result={}, status="RUNNING", error_file=None, num_failures=0
+    )
+
+
+def _result(epoch: int) -> dict[str, Any]:
+    return {"epoch": epoch, "training_iteration": epoch, "cv_acc_mean": 0.1 * epoch, "cv_acc_std": 0.0,
+            "fold1_acc": 0.1 * epoch, "fold1_loss": 1.0, "time_total_s": 3.0, "config": {}}  # fmt: skip
+
+
+def test_callback_logs_nothing_twice(mlflow_uri: str, tmp_path: Path) -> None:
+    check_tracking(mlflow_uri)
+    opts = SearchOptions(
+        name="cb", shards=str(tmp_path), tracking_uri=mlflow_uri, storage=str(tmp_path)
+    ).resolve()
+    space = __import__("spaces").load_space("seed")
+    parent = open_search_run(mlflow_uri, opts, space, {"trials": 1})
+    cb = MLflowTrialCallback(mlflow_uri, parent.experiment_id, "cb", parent.run_id, (1,), ["lr"])
+    cb.setup()
+    t = _trial("t1")
+    cb.on_trial_start(0, [t], t)
+    cb.on_trial_result(0, [t], t, _result(1))
+    cb.on_trial_result(
+        0, [t], t, _result(1)
+    )  # the same epoch again (a trial resumed from an older checkpoint)
+
+    # The driver dies; Tune's pickled copy of the callback takes over in a new process.
+    cb2 = pickle.loads(pickle.dumps(cb))
+    assert cb2.__dict__.get("_client") is None
+    cb2.setup()
+    cb2.on_trial_start(0, [t], t)
+    cb2.on_trial_result(0, [t], t, _result(1))
+    cb2.on_trial_result(0, [t], t, _result(2))
+    t.last_result = _result(2)
+    cb2.on_trial_complete(0, [t], t)
+
+    again = open_search_run(mlflow_uri, opts, space, {"trials": 1})
+    assert again.resumed and again.run_id == parent.run_id
+    _, runs = mlflow_runs(mlflow_uri, "cb")
+    assert list(runs) == ["t1"]
+    c = client(mlflow_uri)
+    rid = runs["t1"].info.run_id
+    assert [(m.step, m.value) for m in c.get_metric_history(rid, "cv_acc_mean")] == [(1, 0.1), (2, 0.2)]
+    assert "time_total_s" not in c.get_run(rid).data.metrics  # only the trainable's metrics
+    run = c.get_run(rid)
+    assert run.info.status == "FINISHED" and run.data.tags["esc50.status"] == "completed"
+    assert run.data.tags["esc50.sampled"] == "lr"
+    assert experiment_id(c, "esc50", mlflow_uri) == parent.experiment_id
+
+
+def test_ui_is_local_and_light(mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from search.cli import main
+    from search.ui import ui_command
+
+    cmd = ui_command(mlflow_uri, 5123)
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == mlflow_uri and "server" in cmd
+    with socket.socket() as s:  # a port already taken is a clear error, not a server crash
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["ui", "--tracking-uri", mlflow_uri, "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"esc50 ui: error: --port {port}: something already listens on 127.0.0.1:{port}; choose another --port"
+    )
