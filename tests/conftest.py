@@ -9,4 +9,5 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 pytest_plugins = [
     "tests.fixtures.audio",
     "tests.fixtures.services",
+    "tests.fixtures.promoted",
 ]
