@@ -6,7 +6,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 # pip's local-index notices are noise; its own exit status still fails the build.
 QUIET := 2>&1 | { grep -v 'is ignored' || true; }
-ESC50_SOURCE ?= ../shared/esc50
+# A local ESC-50 copy when there is one (this team's machines); else `esc50 main` downloads the archive.
+ESC50_SOURCE ?= $(wildcard ../shared/esc50)
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -24,7 +25,7 @@ install: $(BIN)/esc50
 
 # Main job on embedded defaults: local Ray on loopback, MLflow in ./mlflow.db, shards in ./data.
 run: install
-	$(BIN)/esc50 main --source $(ESC50_SOURCE)
+	$(BIN)/esc50 main $(if $(ESC50_SOURCE),--source $(ESC50_SOURCE))
 
 test: install
 	$(BIN)/ruff check .
