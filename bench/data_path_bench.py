@@ -34,6 +34,7 @@ from pathlib import Path  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 import torchaudio  # noqa: E402
+from machine import machine  # bench/machine.py: scripts run as `python bench/<name>.py`
 
 from trainable.config import TrainConfig  # noqa: E402
 from trainable.features import FeatureParams, LogMel, fit_length  # noqa: E402
@@ -164,25 +165,6 @@ def load_features(shards: str | None, n_fallback: int) -> tuple[torch.Tensor, to
     x = torch.stack([ds[i][0][0] for i in range(len(ds))]).half()
     return x, torch.tensor(labels), f"{len(files)} clips computed here with LogMel (no shards)"
 
-
-def machine() -> dict:
-    info = {
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-            break
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as the other benchmarks (see cv_accuracy.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # as the other benchmarks (see bench/machine.py)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import argparse  # noqa: E402
@@ -38,7 +38,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cv_accuracy import machine  # noqa: E402
+from machine import machine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AUDIO = ROOT.parent / "shared" / "esc50" / "audio"

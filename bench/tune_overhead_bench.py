@@ -36,7 +36,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -52,29 +51,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 
+from machine import machine  # noqa: E402 - bench/machine.py; scripts run as `python bench/<name>.py`
+
 from trainable.config import TrainConfig  # noqa: E402
-
-
-def machine() -> dict[str, Any]:
-    import ray
-    import torch
-
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "ray": ray.__version__,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        info["loadavg_at_start"] = Path("/proc/loadavg").read_text().split()[:3]
-    except OSError:
-        pass
-    return info
 
 
 def subset(data: Any, clips_per_fold: int) -> Any:
@@ -232,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = subset(load_shards(args.shards), args.clips_per_fold)
     arrays = {"x": data.x.squeeze(1).numpy(), "y": data.y.numpy(), "fold": data.fold.numpy()}
-    info = machine()
+    info = machine(ray=ray.__version__)
     print(f"machine: {json.dumps(info)}")
     print(
         f"data: {args.shards}: {len(data)} clips {tuple(data.x.shape[2:])}, folds {folds}, "
