@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.errors import UserError
 from search.options import OPTIONS_FILE, SearchOptions
+from search.sampler import make_sampler
 
 SPACE_FILE = "esc50_space.py"
 METRIC, MODE = "cv_acc_mean", "max"
@@ -278,23 +278,6 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         except Exception:  # e.g. a trial Optuna does not know: Tune's default handling
             return super().on_trial_complete(trial_id, result=result, error=error)
         self._completed_trials.add(trial_id)
-
-
-def make_sampler(opts: SearchOptions):
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if opts.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=opts.seed)
-    if opts.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=opts.seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(
-        seed=opts.seed,
-        n_startup_trials=opts.n_startup_trials(),
-        multivariate=True,
-        group=True,  # conditional spaces: model each branch's parameters together
-        constant_liar=True,  # concurrent trials: do not all suggest the same point
-    )
 
 
 def make_searcher(space: Any, opts: SearchOptions):
