@@ -1,22 +1,30 @@
 """Search efficiency: TPE + ASHA vs random search without early stopping, on a cheap proxy.
 
-    .venv/bin/python bench/search_efficiency_bench.py [--shards DIR] [--trials 10] [--epochs 9]
+    .venv/bin/python bench/search_efficiency_bench.py                       # Ray Tune + MLflow, CPU
+    python bench/search_efficiency_bench.py --engine optuna --device cuda \\
+        --folds 1,2,3,4,5 --val-folds 1,2 --trials 30 --epochs 20 --repeats 3 --workers 12
 
-The proxy: a small CNN (width 8, 3 stages, 96-frame crops) trained on two folds of the real
-ESC-50 shards and validated on a third, a few epochs per trial. Both searches draw from the same
-space (`proxy_space` below: learning rate, weight decay, batch size, dropout, mixup, label
-smoothing) with the same seeds and concurrency, through `run_search` (Tune, ASHA and MLflow as in
-production); the data is put into Ray's object store once and shared by both.
+The proxy (`--proxy`): a small CNN on the real ESC-50 shards, `small` (width 8, 3 stages, 96-frame
+crops: cheap on a CPU) or `wide` (the compact preset's network: for a GPU). Each trial trains one
+model per validation fold (`--val-folds`, each on the other `--folds`) and is scored by their mean
+accuracy per epoch, as a product trial is. Both searches draw from the proxy's space below
+(learning rate, weight decay, batch size, dropout, mixup, label smoothing; `wide` adds SpecAugment
+and roll), with fixed seeds:
 
-  1. random search, `--trials` trials, every trial trained for all `--epochs` epochs;
-     B = its best cv_acc_mean (any trial, any epoch);
-  2. TPE + ASHA (grace 1 epoch, reduction factor 3), up to `--tpe-trials` trials (default twice
-     as many: early stopping makes a trial cheap), stopped as soon as a trial reports >= B.
+  1. random search: `--trials` trials, each trained all `--epochs` epochs;
+     B = its best result: the best final score of its trials (what the search would report);
+  2. TPE + ASHA (grace `--grace` epochs, reduction factor 3): new trials until it has spent as many
+     trial-epochs as the random search did, stopped as soon as a trial reports >= B.
 
-Measured from MLflow's per-epoch records (every reported epoch of every trial, in the order they
-reached the driver): trial-epochs each search spent until some trial first reported >= B, every
-epoch of every trial counted (also those of trials ASHA stopped). Goal: TPE+ASHA <= 1/3 of
-random's. Printed with the machine and its load, and saved to bench/results/.
+The figure is trial-epochs spent until some trial first reported >= B, counting every epoch of
+every trial in the order they were reported (trials ASHA stopped included). Goal: TPE+ASHA <= 1/3
+of random's. `--repeats` runs both searches again with other seeds; the medians are reported.
+
+Engines: `tune` (default) runs both searches through the product's `run_search` (Ray Tune's
+OptunaSearch + ASHAScheduler, MLflow records read back for the epoch order), the data put into
+Ray's object store once. `optuna` (bench/search_efficiency_optuna.py) runs the same space, sampler
+and fold training in worker processes sharing an Optuna study, with Optuna's SuccessiveHalvingPruner
+as ASHA: for a machine without Ray, such as a GPU box. Results go to bench/results/.
 """
 
 from __future__ import annotations
@@ -25,27 +33,30 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported: loopback only
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from ray.tune import Stopper  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for p in (ROOT, ROOT / "bench"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+Event = tuple[float, str, int, float]  # (arrival time, trial, epoch, score)
 
 
 def proxy_space(trial):
-    """The proxy's space (a user space file: `--space bench/search_efficiency_bench.py:proxy_space`)."""
+    """The small proxy (cheap on a CPU): width 8, 3 stages, 96-frame crops. A user space file."""
     trial.suggest_float("lr", 1e-4, 3e-1, log=True)
     trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True)
-    trial.suggest_categorical("batch_size", [16, 32, 64, 128])
+    trial.suggest_categorical("batch_size", [32, 64, 128])
     trial.suggest_float("dropout", 0.0, 0.5)
     trial.suggest_float("mixup_alpha", 0.0, 1.0)
     trial.suggest_float("label_smoothing", 0.0, 0.2)
@@ -55,34 +66,42 @@ def proxy_space(trial):
     }  # fmt: skip
 
 
-class ReachTarget(Stopper):
-    """A Tune stopper: the whole search stops once any trial reports cv_acc_mean >= target."""
-
-    def __init__(self, target: float) -> None:
-        self.target = target
-        self.reached = False
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        if result.get("cv_acc_mean", -1.0) >= self.target - 1e-12:
-            self.reached = True
-        return False
-
-    def stop_all(self) -> bool:
-        return self.reached
-
-
-def _real_shards() -> str:
-    note = ROOT / ".team" / "REAL_SHARDS.txt"
-    if note.exists():
-        return note.read_text().strip()
-    from search.prepare import default_out
-    from trainable.features import FeatureParams
-
-    return str(ROOT / default_out(FeatureParams()))
+def proxy_space_wide(trial):
+    """The wide proxy (for a GPU): the compact preset's network (width 16, 4 stages, 128-frame
+    crops), which can overfit, so regularization and augmentation matter, as in the real search.
+    The small proxy saturated near 42% within 3 epochs on a GPU: nothing there for a search to find."""
+    proxy_space(trial)
+    trial.suggest_int("freq_mask", 0, 16, step=4)
+    trial.suggest_int("time_mask", 0, 48, step=8)
+    trial.suggest_float("time_shift", 0.0, 0.5)
+    return {
+        "arch": "cnn", "width": 16, "depth": 4, "optimizer": "adamw", "schedule": "onecycle",
+        "warmup_epochs": 4.0, "epochs": 20, "crop_frames": 128, "num_masks": 2, "gain_db": 6.0,
+        "device": "cpu", "seed": 0,
+    }  # fmt: skip
 
 
-def arrivals(uri: str, search: str) -> list[tuple[int, str, int, float]]:
-    """Every reported epoch of the search: (arrival ms, trial id, epoch, cv_acc_mean), in order."""
+PROXIES = {"small": "proxy_space", "wide": "proxy_space_wide"}
+
+
+def final_best(events: list[Event], epochs: int) -> float:
+    """The random search's best result: the best final score of a trial that trained all epochs."""
+    return max(score for _, _, epoch, score in events if epoch == epochs)
+
+
+def epochs_to_reach(events: list[Event], target: float) -> int | None:
+    """Trial-epochs spent (all trials) until a trial first reported >= target; None if never."""
+    for i, (_, _, _, score) in enumerate(events, 1):
+        if score >= target - 1e-12:
+            return i
+    return None
+
+
+# ---- engine: Ray Tune + MLflow (the product's run_search) ----------------------------------------
+
+
+def _tune_arrivals(uri: str, search: str) -> list[Event]:
+    """Every reported epoch of the search from MLflow: (time, trial id, epoch, cv_acc_mean)."""
     from search.tracking import TAG_TRIAL, client, search_runs
 
     c = client(uri)
@@ -90,139 +109,180 @@ def arrivals(uri: str, search: str) -> list[tuple[int, str, int, float]]:
     out = []
     for run in search_runs(c, exp, search, "trial"):
         for m in c.get_metric_history(run.info.run_id, "cv_acc_mean"):
-            out.append((m.timestamp, run.data.tags[TAG_TRIAL], int(m.step), float(m.value)))
+            out.append((m.timestamp / 1000, run.data.tags[TAG_TRIAL], int(m.step), float(m.value)))
     return sorted(out)
 
 
-def epochs_to_reach(events: list[tuple[int, str, int, float]], target: float) -> int | None:
-    """Trial-epochs spent (all trials) until a trial first reported >= target; None if never."""
-    for i, (_, _, _, acc) in enumerate(events, 1):
-        if acc >= target - 1e-12:
-            return i
-    return None
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", default=None, help="real ESC-50 shards (default: .team/REAL_SHARDS.txt)")
-    ap.add_argument("--trials", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=9)
-    ap.add_argument("--val-fold", type=int, default=1, help="the fold validated on")
-    ap.add_argument("--train-folds", default="2,3", help="the folds trained on (a subset: cheap)")
-    ap.add_argument(
-        "--tpe-trials",
-        type=int,
-        default=None,
-        help="TPE+ASHA's trial limit (default 2x --trials; it stops at B)",
-    )
-    ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="default bench/results/search_efficiency_e<epochs>.json")
-    args = ap.parse_args()
-
-    import ray
+def _tune_search(
+    args, name, sampler, asha, seed, trials, budget, target, shared, work
+) -> tuple[list[Event], dict]:
+    from ray.tune import Stopper
 
     from search.options import SearchOptions
     from search.tune import run_search
-    from trainable.cv import share_data
-    from trainable.shards import load_shards
 
-    shards = args.shards or _real_shards()
-    train = [int(f) for f in args.train_folds.split(",")]
-    folds = sorted({args.val_fold, *train})
-    t0 = time.time()
-    data = load_shards(shards, folds=folds)
-    ray.init(
-        num_cpus=max(2, os.cpu_count() or 2),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _system_config={"worker_niceness": 0},  # as the product's local Ray (search/tune.py)
-    )
-    shared = share_data(data, folds=[args.val_fold])
-    work = Path(tempfile.mkdtemp(prefix="esc50_search_bench_"))
+    class ReachTarget(Stopper):
+        """Stops the whole search once a trial reports >= target or `budget` epochs were reported."""
+
+        def __init__(self) -> None:
+            # distinct (trial, epoch): Tune may show the stopper a trial's last result twice
+            self.epochs: set[tuple[str, int]] = set()
+            self.reached = False
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            self.epochs.add((trial_id, int(result.get("epoch", 0))))
+            self.reached |= target is not None and result.get("cv_acc_mean", -1.0) >= target - 1e-12
+            return False
+
+        def stop_all(self) -> bool:
+            return self.reached or len(self.epochs) >= budget
+
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    space = f"{Path(__file__).resolve()}:proxy_space"
-    common = dict(
-        space=space, trials=args.trials, epochs=args.epochs, folds=(args.val_fold,), cpus_per_fold=1.0,
-        shards=shards, storage=str(work / "runs"), tracking_uri=uri, seed=args.seed,
-        concurrency=args.concurrency, verbose=0,
+    opts = SearchOptions(
+        name=name, space=f"{Path(__file__).resolve()}:{PROXIES[args.proxy]}", trials=trials, epochs=args.epochs,
+        folds=tuple(args.val_folds), cpus_per_fold=1.0, shards=args.shards, storage=str(work / "runs"),
+        tracking_uri=uri, seed=seed, sampler=sampler, asha=asha, grace_period=args.grace,
+        concurrency=args.workers, verbose=0,
     )  # fmt: skip
-    tpe_trials = args.tpe_trials or 2 * args.trials
-    runs = {
-        "random": SearchOptions(name="random", sampler="random", asha=False, **common),
-        "tpe_asha": SearchOptions(name="tpe_asha", sampler="tpe", asha=True, grace_period=1, **common),
-    }
-    runs["tpe_asha"].trials = tpe_trials
-    out: dict = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "load_before": os.getloadavg(),
-        },
-        "proxy": {
-            "shards": shards,
-            "val_fold": args.val_fold,
-            "train_folds": train,
-            "clips": len(data),
-            "trials": args.trials,
-            "epochs": args.epochs,
-            "concurrency": args.concurrency,
-            "seed": args.seed,
-        },  # fmt: skip
-        "searches": {},
-    }
-    events = {}
-    for name, opts in runs.items():
-        s0 = time.time()
-        # TPE+ASHA runs until a trial reaches the random search's best (or its trial limit).
-        stop = ReachTarget(out["searches"]["random"]["best_cv_acc_mean"]) if name == "tpe_asha" else None
-        result = run_search(opts, data=shared, stop=stop)
-        events[name] = arrivals(uri, name)
-        out["searches"][name] = {
-            "seconds": round(time.time() - s0, 1),
-            "trial_epochs": len(events[name]),
-            "best_cv_acc_mean": max((e[3] for e in events[name]), default=None),
-            "counts": result.counts,
-            "trials_run": len(result.rows),
-        }
-        print(f"{name}: {out['searches'][name]}", flush=True)
-    ray.shutdown()
+    result = run_search(opts, data=shared, stop=ReachTarget())
+    return _tune_arrivals(uri, name), dict(result.counts)
 
-    target = out["searches"]["random"]["best_cv_acc_mean"]
-    rnd = epochs_to_reach(events["random"], target)
-    tpe = epochs_to_reach(events["tpe_asha"], target)
-    out["target_B"] = target
-    out["random_epochs_to_B"] = rnd
-    out["random_epochs_total"] = len(events["random"])
-    out["tpe_asha_epochs_to_B"] = tpe
-    out["ratio_vs_random_to_B"] = None if tpe is None or not rnd else round(tpe / rnd, 3)
-    out["ratio_vs_random_total"] = None if tpe is None else round(tpe / len(events["random"]), 3)
-    out["machine"]["load_after"] = os.getloadavg()
-    out["seconds"] = round(time.time() - t0, 1)
 
-    print(
-        f"\nmachine: {out['machine']['cpu']}, {out['machine']['cores']} cores, load "
-        f"{out['machine']['load_before'][0]:.1f} -> {out['machine']['load_after'][0]:.1f}"
-    )
-    print(
-        f"proxy: cnn w8 d3, crop 96, train folds {train} -> val fold {args.val_fold} ({len(data)} clips), "
-        f"{args.trials} trials (TPE+ASHA: up to {tpe_trials}, stopping at B) x {args.epochs} epochs, "
-        f"concurrency {args.concurrency}, seed {args.seed}, ASHA grace 1, reduction factor 3"
-    )
-    print(f"baseline (random, no early stopping): best cv_acc_mean B = {target:.4f}, "
-          f"reached after {rnd} of {len(events['random'])} trial-epochs")  # fmt: skip
-    if tpe is None:
-        best = out["searches"]["tpe_asha"]["best_cv_acc_mean"]
-        print(f"TPE+ASHA: did not reach B (best {best:.4f}) in {len(events['tpe_asha'])} trial-epochs")
-    else:
-        print(f"TPE+ASHA: reached B after {tpe} trial-epochs ({len(events['tpe_asha'])} in all)")
-        print(f"ratio: {out['ratio_vs_random_to_B']} of random's epochs to B, "
-              f"{out['ratio_vs_random_total']} of random's whole budget (goal <= 0.333)")  # fmt: skip
-    print(f"total {out['seconds']:.0f} s; records in {work}")
-    dest = Path(args.out or ROOT / "bench" / "results" / f"search_efficiency_e{args.epochs}.json")
+def summarize(out: dict, dest: Path) -> None:
+    """Medians over the repeats so far, written to `dest` (atomically)."""
+    reps = out["repeats"]
+    out["median_ratio_to_B"] = statistics.median(r["ratio_to_B"] for r in reps)
+    out["median_ratio_to_budget"] = statistics.median(r["ratio_to_budget"] for r in reps)
+    out["reached"] = sum(r["reached"] for r in reps)
+    out["seconds"] = time.time() - out["started"]
+    out["machine"]["load_after"] = list(os.getloadavg())
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=1))
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1))
+    tmp.replace(dest)
+
+
+# ---- the benchmark --------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--engine", choices=("tune", "optuna"), default="tune")
+    ap.add_argument("--shards", default=None, help="real ESC-50 shards (default: .team/REAL_SHARDS.txt)")
+    ap.add_argument("--proxy", choices=sorted(PROXIES), default="small", help="the proxy's space and network")
+    ap.add_argument("--folds", default="1,2,3", help="the folds in play")
+    ap.add_argument("--val-folds", default="1", help="the folds each trial validates (its score: their mean)")
+    ap.add_argument("--trials", type=int, default=10, help="random search's trials")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--grace", type=int, default=1, help="ASHA's grace period in epochs")
+    ap.add_argument("--workers", type=int, default=2, help="trials at once")
+    ap.add_argument("--repeats", type=int, default=1, help="both searches again with seeds seed+1, ...")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="optuna engine: cpu or cuda")
+    ap.add_argument(
+        "--out", default=None, help="default bench/results/search_efficiency_<engine>_<time>.json"
+    )
+    args = ap.parse_args()
+    args.folds = [int(f) for f in args.folds.split(",")]
+    args.val_folds = [int(f) for f in args.val_folds.split(",")]
+    if not set(args.val_folds) <= set(args.folds):
+        ap.error("--val-folds must be among --folds")
+    if not args.shards:
+        note = ROOT / ".team" / "REAL_SHARDS.txt"
+        if not note.exists():
+            ap.error("--shards is required")
+        args.shards = note.read_text().strip()
+
+    from machine import machine
+
+    work = Path(tempfile.mkdtemp(prefix="esc50_search_bench_"))
+    t0 = time.time()
+    out: dict = {
+        "engine": args.engine,
+        "machine": machine(),
+        "proxy": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "repeats": [],
+        "started": t0,
+    }
+    shared = None
+    if args.engine == "tune":
+        import ray
+
+        from trainable.cv import share_data
+        from trainable.shards import load_shards
+
+        ray.init(
+            num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+            configure_logging=False, _system_config={"worker_niceness": 0},  # as search/tune.py
+        )  # fmt: skip
+        shared = share_data(load_shards(args.shards, folds=args.folds), folds=args.val_folds)
+
+    def search(name, sampler, asha, seed, trials, budget, target):
+        if args.engine == "tune":
+            return _tune_search(args, name, sampler, asha, seed, trials, budget, target, shared, work)
+        from search_efficiency_optuna import Job, counts, run
+
+        job = Job(
+            name=name, sampler=sampler, asha=asha, seed=seed, trials=trials, epoch_budget=budget,
+            target=target, epochs=args.epochs, grace=args.grace, reduction_factor=3,
+            space=f"{Path(__file__).resolve()}:{PROXIES[args.proxy]}", shards=args.shards, folds=tuple(args.folds),
+            val_folds=tuple(args.val_folds), device=args.device, workdir=str(work),
+        )  # fmt: skip
+        return run(job, args.workers), counts(job)
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    dest = Path(args.out or ROOT / "bench" / "results" / f"search_efficiency_{args.engine}_{stamp}.json")
+    for r in range(args.repeats):
+        seed = args.seed + r
+        s0 = time.time()
+        full = args.trials * args.epochs
+        rnd_events, rnd_counts = search(f"random-{seed}", "random", False, seed, args.trials, full, None)
+        target = final_best(rnd_events, args.epochs)
+        s1 = time.time()
+        # TPE+ASHA: as many trials as its epoch budget (random's whole spend) allows, stopping at B.
+        tpe_events, tpe_counts = search(f"tpe_asha-{seed}", "tpe", True, seed, full, len(rnd_events), target)
+        rnd, tpe = epochs_to_reach(rnd_events, target), epochs_to_reach(tpe_events, target)
+        rep = {
+            "seed": seed,
+            "target_B": target,
+            "random_best_any_epoch": max(e[3] for e in rnd_events),
+            "random": {
+                "epochs": len(rnd_events),
+                "epochs_to_B": rnd,
+                "counts": rnd_counts,
+                "seconds": s1 - s0,
+            },
+            "tpe_asha": {
+                "epochs": len(tpe_events),
+                "epochs_to_B": tpe,
+                "best": max(e[3] for e in tpe_events),
+                "trials": len({e[1] for e in tpe_events}),
+                "counts": tpe_counts,
+                "seconds": time.time() - s1,
+            },
+            # not reached: counted as the whole budget (an upper bound on the ratio's numerator)
+            "ratio_to_B": (tpe or len(rnd_events)) / rnd,
+            "ratio_to_budget": (tpe or len(rnd_events)) / len(rnd_events),
+            "reached": tpe is not None,
+            "events": {"random": rnd_events, "tpe_asha": tpe_events},  # for a later look
+        }
+        out["repeats"].append(rep)
+        print(
+            f"seed {seed}: B = {target:.4f}; random reached it after {rnd} of {len(rnd_events)} trial-epochs; "
+            f"TPE+ASHA {'after ' + str(tpe) if tpe else 'did not (best ' + format(rep['tpe_asha']['best'], '.4f') + ')'}"
+            f" in {len(tpe_events)} trial-epochs over {rep['tpe_asha']['trials']} trials {tpe_counts}; "
+            f"ratio {rep['ratio_to_B']:.3f} of random's epochs to B ({rep['ratio_to_budget']:.3f} of its budget)",
+            flush=True,
+        )
+        summarize(out, dest)  # after every repeat: an interrupted run keeps what it measured
+    print(
+        f"\n{args.engine} engine on {out['machine'].get('gpu') or out['machine'].get('cpu_model')}: proxy {args.proxy}, "
+        f"folds {args.folds}, validated on {args.val_folds}, {args.trials} random trials x {args.epochs} epochs, "
+        f"{args.workers} at once, ASHA grace {args.grace}, eta 3, {len(out['repeats'])} seed(s)\n"
+        f"TPE+ASHA reached B in {out['reached']}/{len(out['repeats'])}; median ratio {out['median_ratio_to_B']:.3f} of "
+        f"random's epochs to B, {out['median_ratio_to_budget']:.3f} of its budget (goal <= 0.333); {out['seconds']:.0f} s"
+    )
+    print(f"result: {dest}")
     return 0
 
 
