@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
 
-
 def default_shards() -> str | None:
     f = ROOT / ".team" / "REAL_SHARDS.txt"
     return f.read_text().strip() if f.exists() else None

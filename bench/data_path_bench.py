@@ -166,7 +166,6 @@ def load_features(shards: str | None, n_fallback: int) -> tuple[torch.Tensor, to
     return x, torch.tensor(labels), f"{len(files)} clips computed here with LogMel (no shards)"
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     f = ROOT / ".team" / "REAL_SHARDS.txt"

@@ -174,27 +174,44 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "or a Python file path/to/space.py[:function] (default: default)",
     )
     p.add_argument("--trials", help="trials to run (default 20; --smoke: 2)")
-    p.add_argument("--epochs", help="epochs per trial, overriding the space's (default: the space's; --smoke: 2)")
-    p.add_argument("--folds", help="official folds to cross-validate, e.g. 1,2,3 (default 1,2,3,4,5; --smoke: 1,2)")
-    p.add_argument("--cpus-per-fold", help="CPUs of each fold worker, fractional allowed (default 1; --smoke: 0.5)")
+    p.add_argument(
+        "--epochs", help="epochs per trial, overriding the space's (default: the space's; --smoke: 2)"
+    )
+    p.add_argument(
+        "--folds", help="official folds to cross-validate, e.g. 1,2,3 (default 1,2,3,4,5; --smoke: 1,2)"
+    )
+    p.add_argument(
+        "--cpus-per-fold", help="CPUs of each fold worker, fractional allowed (default 1; --smoke: 0.5)"
+    )
     p.add_argument("--gpus-per-fold", help="GPUs of each fold worker, fractional allowed (default 0)")
-    p.add_argument("--shards", help="prepared shards: a path or URI (default: data/shards/<default features>)")
-    p.add_argument("--address", help="Ray cluster to connect to: auto or host:port (default: a local Ray on 127.0.0.1)")
-    p.add_argument("--storage", help="where Tune keeps results and checkpoints: a path or URI (default ./runs)")
+    p.add_argument(
+        "--shards", help="prepared shards: a path or URI (default: data/shards/<default features>)"
+    )
+    p.add_argument(
+        "--address", help="Ray cluster to connect to: auto or host:port (default: a local Ray on 127.0.0.1)"
+    )
+    p.add_argument(
+        "--storage", help="where Tune keeps results and checkpoints: a path or URI (default ./runs)"
+    )
     p.add_argument("--name", help="the search's name (default search-<date>-<time>)")
     p.add_argument("--experiment", help="MLflow experiment (default esc50)")
     p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
     )
     p.add_argument("--seed", help="seed of the sampler (default 0)")
     p.add_argument("--sampler", help="tpe (default), random or cmaes")
     p.add_argument("--no-asha", dest="asha", action="store_false", default=True, help="no early stopping")
-    p.add_argument("--grace-period", help="epochs before ASHA may stop a trial (default: epochs/8, at least 1)")
+    p.add_argument(
+        "--grace-period", help="epochs before ASHA may stop a trial (default: epochs/8, at least 1)"
+    )
     p.add_argument("--reduction-factor", help="ASHA keeps 1 in this many trials at each rung (default 3)")
     p.add_argument("--concurrency", help="trials at once (default: as many as the Ray cluster fits)")
     p.add_argument("--max-failures", help="retries of a failed trial from its checkpoint (default 2)")
     p.add_argument(
-        "--smoke", action="store_true", help="tiny model, 2 folds, 2 trials, 2 epochs: a check in well under a minute"
+        "--smoke",
+        action="store_true",
+        help="tiny model, 2 folds, 2 trials, 2 epochs: a check in well under a minute",
     )
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME (in --storage)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress table or summary")
@@ -251,7 +268,9 @@ def _run_search(args: argparse.Namespace) -> int:
         return 130
     if result.best_trial_id is None:
         where = result.results_dir
-        print(f"esc50 search: error: no trial of {result.name} reported a result (see {where})", file=sys.stderr)
+        print(
+            f"esc50 search: error: no trial of {result.name} reported a result (see {where})", file=sys.stderr
+        )
         return 1
     return 0
 
@@ -259,7 +278,12 @@ def _run_search(args: argparse.Namespace) -> int:
 # ---- spaces ----------------------------------------------------------------------------------
 def _add_spaces(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("spaces", help="list the search spaces with their parameters and ranges")
-    p.add_argument("spaces", nargs="*", metavar="SPACE", help="named spaces or path/to/file.py[:function] (default: all named)")
+    p.add_argument(
+        "spaces",
+        nargs="*",
+        metavar="SPACE",
+        help="named spaces or path/to/file.py[:function] (default: all named)",
+    )
     p.set_defaults(func=_run_spaces)
 
 
@@ -279,7 +303,8 @@ def _run_spaces(args: argparse.Namespace) -> int:
 def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the searches' store")
     p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
     )
     p.add_argument("--port", type=int, default=5000, help="default %(default)s")
     p.set_defaults(func=_run_ui)
@@ -299,12 +324,16 @@ def _add_main(sub: argparse._SubParsersAction) -> None:
         description="Prepare the shards (a no-op when up to date), run a search, promote its best trial. "
         "The defaults fit a 2-core CPU in about 15 minutes; raise --trials/--epochs on a GPU machine.",
     )
-    p.add_argument("--source", help="ESC-50 copy or archive URL (default: $ESC50_SOURCE, else the official archive)")
+    p.add_argument(
+        "--source", help="ESC-50 copy or archive URL (default: $ESC50_SOURCE, else the official archive)"
+    )
     p.add_argument("--space", default="cpu", help="search space (default cpu)")
     p.add_argument("--trials", type=int, default=4, help="trials (default 4)")
     p.add_argument("--epochs", type=int, default=5, help="epochs per trial (default 5)")
     p.add_argument("--name", help="the search's name (default main-<date>-<time>)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     p.add_argument("--gpus-per-fold", type=float, default=0.0, help="GPUs of each fold worker (default 0)")
     p.set_defaults(func=_run_main)
 
@@ -325,7 +354,9 @@ def _run_main(args: argparse.Namespace) -> int:
     )
     result = run_main(args.source, opts)
     print(result.promoted.summary())
-    print(f"esc50 main: done in {result.seconds / 60:.1f} min; `esc50 ui` to browse, `esc50 predict FILE` to classify")
+    print(
+        f"esc50 main: done in {result.seconds / 60:.1f} min; `esc50 ui` to browse, `esc50 predict FILE` to classify"
+    )
     return 0
 
 
