@@ -4,8 +4,9 @@ Ray, such as a lent GPU box: the same space, sampler and fold training, without 
 `--workers` processes share one Optuna study through a journal file (Optuna's multi-process
 storage). Each asks a trial, trains its validation folds in lock-step with `FoldTrainer`, reports
 the mean validation accuracy per epoch (`trial.report`) and, with ASHA on, asks Optuna's
-`SuccessiveHalvingPruner` (asynchronous successive halving, the rule of Ray's ASHAScheduler: at
-rungs grace x eta^k, keep the top 1/eta) whether to stop. Trials stopped early are told PRUNED, as
+`SuccessiveHalvingPruner` (asynchronous successive halving, the algorithm behind Ray's
+ASHAScheduler; at rungs grace x eta^k both keep about the top 1/eta, Ray by a percentile of the
+rung, Optuna by rank) whether to stop. Trials stopped early are told PRUNED, as
 the product's searcher tells them. The sampler is the product's (`search/sampler.py`).
 
 Every reported epoch goes to a per-worker JSON-lines file as (time, trial, epoch, value); the
