@@ -12,7 +12,8 @@ before the first trial, as a UserError naming the option:
      are validated as TrainConfigs; the storage is written to, the tracking store reached, the
      shards' manifest read;
   2. Ray: the cluster at `--address` (connect only), else a local Ray on 127.0.0.1 with at least
-     the CPUs one trial needs; concurrency defaults to the trials the cluster fits at once;
+     the CPUs one trial needs; concurrency defaults to the trials the cluster fits at once (an
+     autoscaling cluster: at the most its autoscaler config allows);
   3. the parent MLflow run (found again on resume), the options JSON beside Tune's results
      (`esc50_search.json`) and, for a user's space file, its text (`esc50_space.py`);
   4. `make_trainable(shards, folds, cpus_per_fold, gpus_per_fold)` (trainable/cv.py: the data goes
@@ -32,7 +33,6 @@ from __future__ import annotations
 import math
 import os
 import posixpath
-import sys
 import tempfile
 import time
 import uuid
@@ -42,6 +42,7 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from search.concurrency import default_concurrency, trial_resources
 from search.errors import UserError
 from search.options import OPTIONS_FILE, SearchOptions
 from search.sampler import make_sampler
@@ -174,14 +175,6 @@ def _first(e: BaseException) -> str:
 # ---- Ray ---------------------------------------------------------------------------------------
 
 
-def trial_resources(opts: SearchOptions) -> tuple[float, float]:
-    """(CPUs, GPUs) one trial takes: its coordinating function plus one bundle per fold."""
-    from trainable.cv import TRIAL_CPUS
-
-    n = len(opts.folds or ())
-    return TRIAL_CPUS + n * float(opts.cpus_per_fold), n * float(opts.gpus_per_fold)
-
-
 def start_ray(opts: SearchOptions) -> bool:
     """Connect to --address, or start a local Ray on loopback. Returns whether this call started it."""
     import ray
@@ -213,33 +206,6 @@ def start_ray(opts: SearchOptions) -> bool:
         _system_config={"worker_niceness": 0},
     )
     return True
-
-
-def default_concurrency(opts: SearchOptions) -> int:
-    """As many trials at once as the cluster's CPUs (and GPUs) fit, at most `trials`."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = trial_resources(opts)
-    fits = math.floor(res.get("CPU", 1) / cpus + 1e-9)
-    if gpus > 0:
-        fits = min(fits, math.floor(res.get("GPU", 0) / gpus + 1e-9))
-    if fits < 1 and opts.address:
-        # An autoscaling cluster starts with no worker nodes (the head advertises 0 CPUs): trials
-        # wait for the autoscaler to add nodes, so run --concurrency trials (default 1) and let it.
-        print(
-            f"esc50 search: the cluster has no room for a trial yet ({res.get('CPU', 0):g} CPUs, "
-            f"{res.get('GPU', 0):g} GPUs); trials wait for the autoscaler",
-            file=sys.stderr,
-        )
-        return max(1, int(opts.concurrency or 1))
-    if fits < 1:
-        have = f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
-        raise UserError(
-            f"one trial needs {cpus:g} CPUs and {gpus:g} GPUs ({len(opts.folds or ())} folds x "
-            f"--cpus-per-fold/--gpus-per-fold) but the Ray cluster has {have}"
-        )
-    return max(1, min(fits, int(opts.trials or 1)))
 
 
 # ---- the searcher --------------------------------------------------------------------------------
