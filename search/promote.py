@@ -13,8 +13,8 @@ How a promotion runs (`promote`, top to bottom):
      validated on it (never one that trained on it), from the search's shards, which must have the
      checkpoint's feature parameters and fingerprint;
   4. one promotion run in the trial's experiment: the pyfunc (`trainable.ensemble.EnsembleModel`,
-     with a slim copy of the checkpoint as its artifact and features/models/augment/ensemble as its
-     code), the report's metrics and artifacts (per-class accuracy, confusion matrix picture);
+     with a slim copy of the checkpoint as its artifact and features/models/augment/checkpoint/ensemble
+     as its code), the report's metrics and artifacts (per-class accuracy, confusion matrix picture);
   5. a new version of the registered model, tagged with search, trial, config, cv_acc_mean/std and
      the shards' fingerprint; alias `champion` moves to it, the version that held it gets `previous`.
 
@@ -52,7 +52,7 @@ TRIAL_ID_KEYS = ("esc50.trial_id", "esc50.trial")  # the Tune trial id
 SHARDS_KEYS = ("esc50.shards", "shards")  # params/tags that may name a search's shards
 TAG_REPLACED = "esc50.replaced"  # on a version: the champion it replaced (for rollback)
 METRIC = "cv_acc_mean"
-SHIPPED = ("__init__.py", "features.py", "models.py", "augment.py", "ensemble.py")
+SHIPPED = ("__init__.py", "features.py", "models.py", "augment.py", "checkpoint.py", "ensemble.py")
 REQUIREMENTS = ("torch", "torchaudio", "numpy", "pandas", "mlflow", "soundfile")
 
 

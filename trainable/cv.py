@@ -39,7 +39,8 @@ Metrics reported each epoch (names in `metric_names`): `cv_acc_mean` (the search
 used (official fold numbers), `epoch` (epochs completed), `epoch_seconds` (wall time of the
 lock-step epoch) and `fold_seconds_max` (the slowest fold's own time for the epoch).
 
-Checkpoint layout (a directory; `read_checkpoint` / `load_fold_states` read it back):
+Checkpoint layout (a directory, trainable/checkpoint.py; `write_checkpoint` writes it atomically,
+`read_checkpoint` / `load_fold_states` read it back):
     meta.json    format, config (TrainConfig dict), features (FeatureParams dict), fingerprint,
                  shards (the URI, if the data was given as one; else null), classes, folds,
                  epoch, metrics (that epoch's reported metrics), nodes ({"<fold>": Ray node id})
@@ -51,7 +52,6 @@ again with `make_trainable` (the old driver's object-store copy of the data died
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -65,24 +65,19 @@ import ray
 from ray import tune
 from ray.tune import PlacementGroupFactory
 
+from trainable import checkpoint as layout
 from trainable.config import TrainConfig
-from trainable.fold_worker import FoldWorker, state_from_bytes
+from trainable.fold_worker import FoldWorker
 
 METRIC = "cv_acc_mean"
 MODE = "max"
 ALL_FOLDS = (1, 2, 3, 4, 5)
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRIAL_CPUS = 0.1  # bundle 0: the trial function only coordinates its fold workers
-CHECKPOINT_FORMAT = 1
-META_FILE = "meta.json"
 
 
 class FoldWorkerError(RuntimeError):
     """A fold worker of a trial died or failed; the message names the fold and the epoch."""
-
-
-def fold_file(fold: int) -> str:
-    return f"fold_{int(fold)}.pt"
 
 
 def metric_names(folds: Iterable[int] = ALL_FOLDS) -> list[str]:
@@ -282,8 +277,10 @@ def cv_trainable(
             states = {k: blob for k, (_, blob) in zip(workers, results, strict=True) if blob is not None}
             if states:
                 with tempfile.TemporaryDirectory(prefix="cv_ckpt_") as d:
-                    write_checkpoint(d, cfg, data, states, epoch, metrics, nodes)
-                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+                    # A directory that does not exist yet: the writer's temporary sibling then
+                    # lives inside `d` too, and goes with it even if this process is killed midway.
+                    path = write_checkpoint(Path(d) / "checkpoint", cfg, data, states, epoch, metrics, nodes)
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(path))
             else:
                 tune.report(metrics)
     finally:
@@ -358,7 +355,9 @@ def _restore(workers: Mapping[int, Any], cfg: TrainConfig, folds: Sequence[int])
         if saved != cfg:
             diff = [k for k in TrainConfig.keys() if getattr(saved, k) != getattr(cfg, k)]
             raise ValueError(f"checkpoint {d} was written for another config (differs in {diff})")
-        epochs = _gather(workers, [workers[k].load_state.remote(blobs[k]) for k in workers], "resume")
+        # The workers load the bytes (this process has no torch); a corrupt file is named by its path.
+        loads = [workers[k].load_state.remote(blobs[k], str(Path(d) / layout.fold_file(k))) for k in workers]
+        epochs = _gather(workers, loads, "resume")
     if any(e != meta["epoch"] for e in epochs):
         raise ValueError(f"checkpoint fold states are at epochs {epochs}, meta.json says {meta['epoch']}")
     return int(meta["epoch"])
@@ -386,7 +385,7 @@ def _gather(workers: Mapping[int, Any], refs: list[Any], what: str) -> list[Any]
     return [done[k] for k in workers]
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
+# ---- checkpoints (the layout itself: trainable/checkpoint.py) ------------------------------------
 
 
 def write_checkpoint(
@@ -397,52 +396,41 @@ def write_checkpoint(
     epoch: int,
     metrics: Mapping[str, Any] | None = None,
     nodes: Mapping[int, str] | None = None,
-) -> None:
-    """Write the contract layout: meta.json + fold_<k>.pt (bytes of torch.save(state_dict())).
+) -> Path:
+    """Write a trial's checkpoint: meta.json + fold_<k>.pt (bytes of torch.save(state_dict())).
 
+    `directory` must not exist or be empty; it appears whole or not at all (see
+    `trainable.checkpoint.write_checkpoint`).
     `nodes`: the Ray node id each fold trained on (for the multi-node test and for debugging)."""
-    directory = Path(directory)
-    for k, blob in states.items():
-        (directory / fold_file(k)).write_bytes(blob)
     meta = {
-        "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict(),
         "features": dict(data.features),
         "fingerprint": data.fingerprint,
         "shards": data.shards,
         "classes": list(data.classes),
-        "folds": sorted(int(k) for k in states),
         "epoch": int(epoch),
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         "nodes": {str(k): v for k, v in (nodes or {}).items()},
     }
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return layout.write_checkpoint(directory, meta, states)
 
 
 def read_checkpoint(
     directory: str | Path, folds: Iterable[int] | None = None
 ) -> tuple[dict[str, Any], dict[int, bytes]]:
-    """(meta, {fold: state bytes}) of a checkpoint directory; `folds` (default: meta's) must be in it."""
-    directory = Path(directory)
-    try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{directory}: not a CV checkpoint ({META_FILE}: {e})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{directory}: checkpoint format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT}"
-        )
-    want = check_folds(meta["folds"] if folds is None else folds)
-    missing = [k for k in want if k not in meta["folds"] or not (directory / fold_file(k)).exists()]
-    if missing:
-        raise ValueError(f"{directory}: checkpoint has no state for fold(s) {missing} (has {meta['folds']})")
-    return meta, {k: (directory / fold_file(k)).read_bytes() for k in want}
+    """(meta, {fold: state bytes}) of a checkpoint directory; `folds` (default: meta's) must be in it.
+
+    Bytes, not state dicts: the trial process never imports torch; the fold workers load them."""
+    meta, blobs = layout.read_checkpoint(directory, None if folds is None else check_folds(folds), load=False)
+    check_folds(meta["folds"])
+    return meta, blobs
 
 
 def load_fold_states(directory: str | Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """(meta, {fold: FoldTrainer state dict}) of a checkpoint directory, for promotion and tests."""
-    meta, blobs = read_checkpoint(directory)
-    return meta, {k: state_from_bytes(b) for k, b in blobs.items()}
+    meta, states = layout.read_checkpoint(directory)
+    check_folds(meta["folds"])
+    return meta, states
 
 
 def checkpoint_features(meta: Mapping[str, Any]) -> Any:

@@ -22,14 +22,13 @@ columns, or a `path` column; output: one row per clip with `label`, `probability
 `top_probabilities`, `probabilities`, `silent`, `windows`).
 
 This module is shipped inside the promoted model (mlflow `code_paths`) together with features.py,
-models.py and augment.py, and is loaded in processes that do not have this project installed:
-it imports only torch, torchaudio, numpy, pandas, mlflow (and soundfile, for `path` input) and
-its sibling modules, relatively.
+models.py, augment.py and checkpoint.py (the checkpoint layout, shared with the Tune trainable), and
+is loaded in processes that do not have this project installed: it imports only torch, torchaudio,
+numpy, pandas, mlflow (and soundfile, for `path` input) and its sibling modules, relatively.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,18 +41,14 @@ import pandas as pd
 import torch
 
 from .augment import eval_crops
+from .checkpoint import read_checkpoint, write_checkpoint
 from .features import FeatureParams, LogMel, fit_length, resampler
 from .models import build_model
 
-META_FILE = "meta.json"
 SILENCE_PEAK = 10 ** (-80 / 20)  # -80 dBFS: below this a clip counts as silent
 OVERHANG = 0.1  # up to this fraction past the clip length is cut off instead of adding a window
 BATCH = 64  # windows per forward pass
 CHECKPOINT_ARTIFACT = "checkpoint"
-
-
-def fold_file(fold: int) -> str:
-    return f"fold_{int(fold)}.pt"
 
 
 class InputError(ValueError):
@@ -76,10 +71,6 @@ def model_from_state(state: Mapping[str, Any]) -> torch.nn.Module:
 def slim_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """What prediction needs of a fold state: no optimizer, scheduler, RNG or history."""
     return {k: state[k] for k in ("config", "fold", "epoch", "n_mels", "n_classes", "model")}
-
-
-def load_state(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ---- the ensemble -----------------------------------------------------------------------------
@@ -246,39 +237,14 @@ OUTPUT_COLUMNS = [
     "windows",
 ]
 
-# ---- checkpoints ------------------------------------------------------------------------------
-
-
-def read_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """(meta, {fold: state}) of a checkpoint directory (full or slim fold states)."""
-    directory = Path(directory)
-    try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{directory}: not a CV checkpoint ({META_FILE}: {e})") from None
-    for key in ("features", "classes", "folds", "config"):
-        if key not in meta:
-            raise ValueError(f"{directory}/{META_FILE}: no {key!r}")
-    states = {}
-    for k in meta["folds"]:
-        path = directory / fold_file(k)
-        if not path.exists():
-            raise ValueError(
-                f"{directory}: checkpoint has no {fold_file(k)} (meta.json lists folds {meta['folds']})"
-            )
-        states[int(k)] = load_state(path)
-    return meta, states
+# ---- checkpoints (the layout: checkpoint.py; `read_checkpoint` comes from there) ----------------
 
 
 def write_slim_checkpoint(
     directory: str | Path, meta: Mapping[str, Any], states: Mapping[int, Mapping[str, Any]]
-) -> None:
+) -> Path:
     """The same layout with only what prediction needs (what the promoted model ships)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for k, s in states.items():
-        torch.save(slim_state(s), directory / fold_file(k))
-    (directory / META_FILE).write_text(json.dumps(dict(meta), indent=1, sort_keys=True))
+    return write_checkpoint(directory, meta, {k: slim_state(s) for k, s in states.items()})
 
 
 # ---- the MLflow pyfunc ------------------------------------------------------------------------

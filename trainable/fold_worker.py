@@ -3,8 +3,9 @@
 The CV trainable (trainable/cv.py) starts one `FoldWorker` per fold inside the trial's placement
 group. A worker receives the ObjectRef of the search's shared arrays (never the arrays
 themselves), takes its fold's train/val split from them once, and then trains when told to, one
-epoch per `run_epoch` call. States travel as `torch.save` bytes, so the trial can write them into
-its checkpoint and hand them back on a retry, whichever node the worker lands on.
+epoch per `run_epoch` call. States travel as `torch.save` bytes (the content of a checkpoint's
+fold file, trainable/checkpoint.py), so the trial can write them into its checkpoint and hand them
+back on a retry, whichever node the worker lands on.
 
 torch is imported inside the methods: the trial process that creates these actors never needs it
 (importing torch costs seconds of CPU per process, per trial).
@@ -12,13 +13,14 @@ torch is imported inside the methods: the trial process that creates these actor
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+
+from trainable.checkpoint import state_from_bytes, state_to_bytes
 
 
 def split_fold(arrays: dict[str, np.ndarray], fold: int) -> tuple[Any, ...]:
@@ -43,20 +45,6 @@ def split_fold(arrays: dict[str, np.ndarray], fold: int) -> tuple[Any, ...]:
         torch.from_numpy(arrays["x"][val]),
         torch.from_numpy(arrays["y"][val]),
     )
-
-
-def state_to_bytes(state: dict[str, Any]) -> bytes:
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def state_from_bytes(blob: bytes) -> dict[str, Any]:
-    import torch
-
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 
 
 @ray.remote
@@ -92,9 +80,11 @@ class FoldWorker:
             "node": ray.get_runtime_context().get_node_id(),
         }
 
-    def load_state(self, blob: bytes) -> int:
-        """Resume from a saved state (bytes of torch.save(FoldTrainer.state_dict())); returns its epoch."""
-        self.trainer.load_state_dict(state_from_bytes(blob))
+    def load_state(self, blob: bytes, source: str = "fold state") -> int:
+        """Resume from a saved state (bytes of torch.save(FoldTrainer.state_dict())); returns its epoch.
+
+        `source`: where the bytes came from (the checkpoint's fold file), named if they are corrupt."""
+        self.trainer.load_state_dict(state_from_bytes(blob, source))
         return self.trainer.epoch
 
     def state(self) -> bytes:
