@@ -48,7 +48,8 @@ def random_model(preset: str, work: Path) -> str:
     """Log a 5-fold ensemble of `preset` (random weights) as the promoted pyfunc; returns its URI."""
     import mlflow
 
-    from search.promote import client, log_model
+    from search.promote import log_model
+    from search.store import client
     from trainable.config import TrainConfig
     from trainable.features import FeatureParams
     from trainable.models import N_CLASSES, build_model
@@ -108,7 +109,7 @@ def main() -> int:
 
     import mlflow
 
-    from search.promote import client
+    from search.store import client
     from trainable.audio import decode
 
     files = sorted(p for p in Path(args.audio).iterdir() if p.suffix.lower() in (".wav", ".flac", ".ogg"))
@@ -120,7 +121,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="predict_bench_") as tmp:
         if args.model:
-            client(args.tracking_uri)
+            client(args.tracking_uri, must_exist=True)
             uri = args.model
         else:
             uri = random_model(args.preset, Path(tmp))

@@ -125,10 +125,10 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    from search import promote
+    from search import promote, registry
 
     if args.rollback:
-        champion, previous = promote.rollback(args.tracking_uri, args.name)
+        champion, previous = registry.rollback(args.tracking_uri, args.name)
         print(f"{args.name}: champion is v{champion}, previous is {'v' + previous if previous else 'none'}")
         return 0
     result = promote.promote(

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from search.errors import UserError
-from search.promote import CHAMPION, DEFAULT_NAME, client
+from search.registry import CHAMPION, DEFAULT_NAME
+from search.store import client
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

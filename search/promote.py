@@ -2,75 +2,59 @@
 
     promote(search="my-search")          # best finished trial by cv_acc_mean
     promote(run_id="...")                # or a named trial run / Tune trial id
-    rollback()                           # champion back to previous
+    registry.rollback()                  # champion back to previous (search/registry.py)
 
-How a promotion runs (`promote`, top to bottom):
+How a promotion runs (`promote`, at the end of this file, top to bottom):
   1. find the trial in MLflow: child runs tagged `esc50.role=trial` and `esc50.search=<name>`, with
      the metric `cv_acc_mean` and the tag `esc50.checkpoint` (the CV checkpoint directory: meta.json +
      fold_<k>.pt); the best finished one, unless a run or trial is named;
   2. fetch the checkpoint (a local path or any URI pyarrow opens) and rebuild its fold models;
-  3. out-of-fold report: every clip of the checkpoint's folds predicted by the one fold model that
-     validated on it (never one that trained on it), from the search's shards, which must have the
-     checkpoint's feature parameters and fingerprint;
+  3. out-of-fold report (search/oof.py): every clip of the checkpoint's folds predicted by the one
+     fold model that validated on it, from the search's shards, which must have the checkpoint's
+     feature parameters and fingerprint;
   4. one promotion run in the trial's experiment: the pyfunc (`trainable.ensemble.EnsembleModel`,
      with a slim copy of the checkpoint as its artifact and features/models/augment/checkpoint/ensemble
      as its code), the report's metrics and artifacts (per-class accuracy, confusion matrix picture);
-  5. a new version of the registered model, tagged with search, trial, config, cv_acc_mean/std and
-     the shards' fingerprint; alias `champion` moves to it, the version that held it gets `previous`.
+  5. a new version of the registered model (search/registry.py), tagged with search, trial, config,
+     cv_acc_mean/std and the shards' fingerprint; alias `champion` moves to it, the version that
+     held it gets `previous`.
 
 Every step that can fail on user input raises `UserError` before anything is registered.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
-import io
 import json
-import logging
-import os
 import shutil
 import tempfile
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from search.errors import UserError
+from search.oof import load_oof_data, out_of_fold, shards_uri, write_report
+from search.registry import CHAMPION, DEFAULT_NAME, PREVIOUS, register_champion
+from search.store import (
+    METRIC,
+    PRUNED,
+    TAG_CHECKPOINT,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_STATUS,
+    TAG_TRIAL,
+    TAG_TRIAL_ALIAS,
+    client,
+    filter_literal,
+    hide_mlflow_notices,
+)
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-DEFAULT_NAME = "esc50-cnn"
-CHAMPION, PREVIOUS = "champion", "previous"
-# The search's MLflow records (search/tracking.py; not imported: it imports Ray).
-TAG_ROLE, TAG_SEARCH, TAG_CHECKPOINT = "esc50.role", "esc50.search", "esc50.checkpoint"
-TAG_STATUS, PRUNED = "esc50.status", "pruned"  # a pruned trial (stopped by ASHA) is MLflow KILLED
-TRIAL_ID_KEYS = ("esc50.trial_id", "esc50.trial")  # the Tune trial id
-SHARDS_KEYS = ("esc50.shards", "shards")  # params/tags that may name a search's shards
-TAG_REPLACED = "esc50.replaced"  # on a version: the champion it replaced (for rollback)
-METRIC = "cv_acc_mean"
+TRIAL_ID_KEYS = (TAG_TRIAL, TAG_TRIAL_ALIAS)  # where a trial run holds its Tune trial id
 SHIPPED = ("__init__.py", "features.py", "models.py", "augment.py", "checkpoint.py", "ensemble.py")
 REQUIREMENTS = ("torch", "torchaudio", "numpy", "pandas", "mlflow", "soundfile")
 
-
-def client(uri: str | None = None, must_exist: bool = True):
-    """An MlflowClient for the option, else $MLFLOW_TRACKING_URI, else ./mlflow.db (as `esc50 search`);
-    the fluent API (start_run, load_model) is pointed at the same store. A SQLite store that does
-    not exist is a UserError (MLflow would silently create an empty one)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from search.options import tracking_uri
-
-    uri = tracking_uri(uri)
-    if must_exist and uri.startswith("sqlite:///") and not os.path.exists(uri[len("sqlite:///") :]):
-        raise UserError(f"no MLflow store at {uri}: run where `esc50 search` ran, or pass --tracking-uri")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its notices about creating tables
-    mlflow.set_tracking_uri(uri)  # the registry follows it (no sticky set_registry_uri)
-    return MlflowClient(uri, uri)
+if TYPE_CHECKING:  # annotations only: torch loads when a checkpoint does
+    from trainable.ensemble import FoldEnsemble
 
 
 # ---- 1. the trial ------------------------------------------------------------------------------
@@ -88,10 +72,6 @@ class Trial:
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _search_runs(c, filter_string: str) -> list[Any]:
@@ -128,7 +108,9 @@ def _trial(run: Any, pruned_ok: bool = False) -> Trial | None:
     )
 
 
-def find_trial(c, search: str | None = None, run_id: str | None = None, trial_id: str | None = None) -> Trial:
+def find_trial(
+    c: Any, search: str | None = None, run_id: str | None = None, trial_id: str | None = None
+) -> Trial:
     """The trial to promote: the named run or trial, else the best finished trial of `search`
     (default: the search of the most recent trial)."""
     from mlflow.exceptions import MlflowException
@@ -158,7 +140,7 @@ def find_trial(c, search: str | None = None, run_id: str | None = None, trial_id
                 f"no search trials in {c.tracking_uri}: run `esc50 search` first, or pass --tracking-uri"
             )
         search = latest[0].data.tags.get(TAG_SEARCH, "")
-    runs = _search_runs(c, f"{role} AND tags.`{TAG_SEARCH}` = {_quote(search)}")
+    runs = _search_runs(c, f"{role} AND tags.`{TAG_SEARCH}` = {filter_literal(search)}")
     if not runs:
         known = sorted({r.data.tags.get(TAG_SEARCH, "") for r in _search_runs(c, role)} - {""})
         raise UserError(f"no search named {search!r} in {c.tracking_uri}; searches there: {known or 'none'}")
@@ -211,7 +193,7 @@ def fetch_checkpoint(uri: str, dest: Path) -> Path:
     return dest
 
 
-def load_checkpoint(directory: Path):
+def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[int, Any], FoldEnsemble]:
     """(meta, states, FoldEnsemble) of a checkpoint directory; UserError when it is not usable."""
     from trainable.ensemble import FoldEnsemble, read_checkpoint
     from trainable.features import FeatureParams
@@ -224,183 +206,7 @@ def load_checkpoint(directory: Path):
     return meta, states, ensemble
 
 
-# ---- 3. out-of-fold report --------------------------------------------------------------------
-
-
-def shards_uri(c, trial: Trial, meta: dict[str, Any], shards: str | None) -> str:
-    """Where the trial's training data is: --shards, meta.json, the trial's or its search's params/tags."""
-    if shards:
-        return shards
-    if meta.get("shards"):
-        return str(meta["shards"])
-    runs = [trial.run]
-    parent = trial.run.data.tags.get("mlflow.parentRunId")
-    if parent:
-        with contextlib.suppress(Exception):
-            runs.append(c.get_run(parent))
-    for run in runs:
-        for source in (run.data.params, run.data.tags):
-            for key in SHARDS_KEYS:
-                if source.get(key):
-                    return str(source[key])
-    raise UserError(
-        f"cannot tell which shards trial {trial.trial_id} trained on (no 'shards' in its checkpoint, "
-        "run or search run): pass --shards URI for the out-of-fold report"
-    )
-
-
-@dataclass(frozen=True)
-class OutOfFold:
-    """One row per clip: its own fold's model's prediction."""
-
-    classes: tuple[str, ...]
-    filenames: tuple[str, ...]
-    fold: np.ndarray  # (N,) official fold of the clip
-    model_fold: np.ndarray  # (N,) the fold model that predicted it (its validation fold)
-    target: np.ndarray  # (N,)
-    probs: np.ndarray  # (N, C)
-
-    @property
-    def pred(self) -> np.ndarray:
-        return self.probs.argmax(axis=1)
-
-    @property
-    def accuracy(self) -> float:
-        return float((self.pred == self.target).mean()) if len(self.target) else float("nan")
-
-    def fold_accuracy(self) -> dict[int, float]:
-        return {
-            int(k): float((self.pred[self.fold == k] == self.target[self.fold == k]).mean())
-            for k in np.unique(self.fold)
-        }
-
-    def confusion(self) -> np.ndarray:
-        """(C, C) counts: row = true class, column = predicted."""
-        c = len(self.classes)
-        return np.bincount(self.target * c + self.pred, minlength=c * c).reshape(c, c)
-
-    def per_class(self) -> list[dict[str, Any]]:
-        cm = self.confusion()
-        clips = cm.sum(axis=1)
-        return [
-            {
-                "class": name,
-                "clips": int(clips[i]),
-                "correct": int(cm[i, i]),
-                "accuracy": float(cm[i, i] / clips[i]) if clips[i] else float("nan"),
-            }
-            for i, name in enumerate(self.classes)
-        ]
-
-
-def out_of_fold(ensemble: Any, data: Any, batch: int = 256) -> OutOfFold:
-    """Each clip of `data` (FoldData) predicted by the fold model of `ensemble` that validated on
-    the clip's fold, i.e. the one model that never trained on it. Clips of folds the ensemble has
-    no model for are left out."""
-    import torch
-
-    keep = torch.isin(data.fold, torch.as_tensor(ensemble.folds))
-    idx = torch.nonzero(keep).squeeze(1)
-    fold = data.fold[idx]
-    probs = torch.zeros((len(idx), ensemble.n_classes))
-    model_fold = torch.zeros(len(idx), dtype=torch.int64)
-    for i, k in enumerate(ensemble.folds):
-        rows = torch.nonzero(fold == k).squeeze(1)
-        for s in range(0, len(rows), batch):
-            r = rows[s : s + batch]
-            probs[r] = torch.softmax(ensemble.fold_logits(i, data.x[idx[r]].squeeze(1)), dim=1)
-            model_fold[r] = k
-    names = tuple(data.filenames[j] for j in idx.tolist()) if data.filenames else ()
-    return OutOfFold(
-        classes=tuple(ensemble.classes),
-        filenames=names,
-        fold=fold.numpy(),
-        model_fold=model_fold.numpy(),
-        target=data.y[idx].numpy(),
-        probs=probs.numpy(),
-    )
-
-
-def load_oof_data(uri: str, meta: dict[str, Any]):
-    """The shards of the checkpoint's folds, checked against the checkpoint's features and data."""
-    from trainable.features import FeatureParams
-    from trainable.shards import ShardError, load_shards
-
-    params = FeatureParams.from_dict(meta["features"])
-    try:
-        data = load_shards(uri, folds=meta["folds"], expect=params)
-    except ShardError as e:
-        raise UserError(
-            f"out-of-fold report: {e} (the checkpoint's feature parameters are {params.to_json()})"
-        ) from None
-    want, have = meta.get("fingerprint"), data.info.get("fingerprint")
-    if want and have and want != have:
-        raise UserError(
-            f"{uri}: shards fingerprint {have} is not the checkpoint's {want} (other audio or features)"
-        )
-    if tuple(data.classes) != tuple(meta["classes"]):
-        raise UserError(f"{uri}: the shards' classes differ from the checkpoint's")
-    return data
-
-
-def write_report(oof: OutOfFold, out: Path) -> dict[str, float]:
-    """predictions.csv, per_class_accuracy.csv, confusion_matrix.csv/.png under `out`; returns metrics."""
-    import pandas as pd
-
-    out.mkdir(parents=True, exist_ok=True)
-    classes = np.asarray(oof.classes)
-    pred = oof.pred
-    pd.DataFrame(
-        {
-            "filename": list(oof.filenames) or [""] * len(pred),
-            "fold": oof.fold,
-            "model_fold": oof.model_fold,
-            "target": oof.target,
-            "category": classes[oof.target],
-            "predicted": pred,
-            "predicted_category": classes[pred],
-            "probability": oof.probs[np.arange(len(pred)), pred],
-            "correct": pred == oof.target,
-        }
-    ).to_csv(out / "predictions.csv", index=False)
-    per_class = pd.DataFrame(oof.per_class())
-    per_class.to_csv(out / "per_class_accuracy.csv", index=False)
-    cm = oof.confusion()
-    pd.DataFrame(cm, index=classes, columns=classes).to_csv(out / "confusion_matrix.csv")
-    plot_confusion(cm, oof.classes, out / "confusion_matrix.png", f"out-of-fold accuracy {oof.accuracy:.3f}")
-    metrics = {"oof_acc": oof.accuracy, "oof_clips": float(len(pred))}
-    metrics.update({f"oof_fold{k}_acc": v for k, v in oof.fold_accuracy().items()})
-    seen = per_class[per_class.clips > 0]
-    if len(seen):
-        metrics["oof_worst_class_acc"] = float(seen.accuracy.min())
-    return metrics
-
-
-def plot_confusion(cm: np.ndarray, classes: tuple[str, ...], path: Path, title: str) -> None:
-    """Row-normalized confusion matrix as a PNG heat map (matplotlib, headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
-    n = len(classes)
-    size = max(4.0, 0.22 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
-    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(n), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ---- 4. the pyfunc ------------------------------------------------------------------------------
+# ---- 4. the pyfunc (step 3, the out-of-fold report, is search/oof.py) ---------------------------
 
 
 def model_code(dest: Path) -> Path:
@@ -426,20 +232,6 @@ def requirements() -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _quiet_mlflow() -> Iterator[None]:
-    """Hide mlflow's notices about pickled models and type hints: they are expected here."""
-    logger = logging.getLogger("mlflow")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
     """Log the ensemble pyfunc into the active run; returns mlflow's ModelInfo."""
     import mlflow
@@ -456,7 +248,7 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
     slim = work / "checkpoint"
     write_slim_checkpoint(slim, meta, states)
     code = model_code(work / "code")
-    with _quiet_mlflow():
+    with hide_mlflow_notices():
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=EnsembleModel(),
@@ -469,16 +261,7 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
         )
 
 
-# ---- 5. registry --------------------------------------------------------------------------------
-
-
-def alias_version(c, name: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(c.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+# ---- the promotion: steps 1 to 5 (5, the registry, is search/registry.py) ------------------------
 
 
 @dataclass(frozen=True)
@@ -515,7 +298,7 @@ def promote(
     """Promote a trial (see the module docstring); returns what was registered."""
     import mlflow
 
-    c = client(tracking)
+    c = client(tracking, must_exist=True)
     trial = find_trial(c, search, run_id, trial_id)
     with tempfile.TemporaryDirectory(prefix="esc50_promote_") as tmp:
         work = Path(tmp)
@@ -523,7 +306,6 @@ def promote(
         uri = shards_uri(c, trial, meta, shards)
         data = load_oof_data(uri, meta)
         oof = out_of_fold(ensemble, data)
-        config = json.dumps(meta["config"], sort_keys=True)
         tags = {
             TAG_ROLE: "promotion",
             TAG_SEARCH: trial.search,
@@ -552,63 +334,16 @@ def promote(
             )
             mlflow.log_artifacts(str(work / "report"), "out_of_fold")
             info = log_model(meta, states, work)
-        previous = alias_version(c, name, CHAMPION)
         version_tags = {
             **{k: v for k, v in tags.items() if k != TAG_ROLE},
-            "esc50.config": config,
+            "esc50.config": json.dumps(meta["config"], sort_keys=True),
             "cv_acc_mean": f"{trial.cv_acc_mean:.6f}",
             "cv_acc_std": "" if trial.cv_acc_std is None else f"{trial.cv_acc_std:.6f}",
             "oof_acc": f"{metrics['oof_acc']:.6f}",
             "esc50.promotion_run": run.info.run_id,
-            TAG_REPLACED: previous or "",
         }
-        with _quiet_mlflow(), contextlib.redirect_stderr(io.StringIO()):  # its "Created version" prints
-            mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
-    version = str(mv.version)
-    c.update_model_version(
-        name,
-        version,
-        description=f"search {trial.search}, trial {trial.trial_id}, cv_acc_mean {trial.cv_acc_mean:.4f}",
-    )
-    c.set_registered_model_alias(name, CHAMPION, version)
-    if previous and previous != version:
-        c.set_registered_model_alias(name, PREVIOUS, previous)
+        description = f"search {trial.search}, trial {trial.trial_id}, cv_acc_mean {trial.cv_acc_mean:.4f}"
+        version, previous = register_champion(c, name, info.model_uri, version_tags, description)
     seen = [r for r in oof.per_class() if r["clips"]]
     worst = sorted(seen, key=lambda r: r["accuracy"])[:3]
     return Promotion(name, version, previous, trial, run.info.run_id, metrics, worst)
-
-
-def rollback(tracking: str | None = None, name: str = DEFAULT_NAME) -> tuple[str, str | None]:
-    """Move `champion` back to `previous`; `previous` moves to the version that one had replaced
-    (or is cleared). Returns (new champion, new previous)."""
-    from mlflow.exceptions import MlflowException
-
-    c = client(tracking)
-    try:
-        c.get_registered_model(name)
-    except MlflowException:
-        raise UserError(f"no registered model {name!r} in {c.tracking_uri}") from None
-    current = alias_version(c, name, CHAMPION)
-    back = alias_version(c, name, PREVIOUS)
-    if back is None:
-        raise UserError(f"{name} has no {PREVIOUS!r} version to roll back to (champion: v{current})")
-    c.set_registered_model_alias(name, CHAMPION, back)
-    if current:
-        c.set_model_version_tag(name, current, "esc50.rolled_back_from", "true")
-    before = c.get_model_version(name, back).tags.get(TAG_REPLACED) or None
-    if before and before != back and _version_exists(c, name, before):
-        c.set_registered_model_alias(name, PREVIOUS, before)
-    else:
-        before = None
-        c.delete_registered_model_alias(name, PREVIOUS)
-    return back, before
-
-
-def _version_exists(c, name: str, version: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.get_model_version(name, version)
-        return True
-    except MlflowException:
-        return False

@@ -20,6 +20,9 @@ Nothing is logged twice: the callback finds a search's existing runs by tag (on 
 an epoch already logged for a trial (a trial resumed from an older checkpoint reports it again).
 Only the driver talks to MLflow (the callback runs in the Tune driver), with the URI the driver
 resolved.
+
+The client, tags, statuses and queries live in search/store.py (no Ray there, so promote, predict
+and ui start fast); they are imported here too, so `tracking.client` etc. keep working.
 """
 
 from __future__ import annotations
@@ -29,105 +32,40 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from ray import tune
 
 from search.errors import UserError
-
-TAG_ROLE = "esc50.role"
-TAG_SEARCH = "esc50.search"
-TAG_TRIAL = "esc50.trial_id"
-TAG_TRIAL_ALIAS = "esc50.trial"  # the same id, under the name the promote step also reads
-TAG_CHECKPOINT = "esc50.checkpoint"
-TAG_STATUS = "esc50.status"
-TAG_SPACE = "esc50.space"
-TAG_PARENT = "mlflow.parentRunId"
-METRIC = "cv_acc_mean"
-COMPLETED, PRUNED, FAILED, RUNNING, INTERRUPTED = "completed", "pruned", "failed", "running", "interrupted"
-ENDED = (COMPLETED, PRUNED, FAILED)  # a trial in one of these will not run again
-MLFLOW_STATUS = {COMPLETED: "FINISHED", PRUNED: "KILLED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
+from search.store import (  # noqa: F401 (re-exported: the search's callers use tracking.X)
+    COMPLETED,
+    ENDED,
+    FAILED,
+    INTERRUPTED,
+    METRIC,
+    MLFLOW_STATUS,
+    PRUNED,
+    RUNNING,
+    TAG_CHECKPOINT,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_SEARCH,
+    TAG_SPACE,
+    TAG_STATUS,
+    TAG_TRIAL,
+    TAG_TRIAL_ALIAS,
+    artifact_root,
+    check_tracking,
+    client,
+    experiment_id,
+    filter_literal,
+    hide_mlflow_notices,
+    quiet_mlflow,
+    search_runs,
+)
 
 log = logging.getLogger(__name__)
-
-
-def quiet_mlflow() -> None:
-    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.store.sql_alchemy"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def client(uri: str):
-    from mlflow import MlflowClient
-
-    quiet_mlflow()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-@contextmanager
-def _no_retries():
-    """An unreachable server should fail in seconds, not after MLflow's minutes of retries."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "10"
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def check_tracking(uri: str) -> None:
-    """Reach the tracking store (and create a SQLite one); UserError naming --tracking-uri if not."""
-    if uri.startswith("sqlite:///"):
-        folder = os.path.dirname(uri[len("sqlite:///") :]) or "."
-        if not os.path.isdir(folder):
-            raise UserError(f"--tracking-uri {uri}: the folder {folder} does not exist")
-    try:
-        with _no_retries():
-            client(uri).search_experiments(max_results=1)
-    except Exception as e:  # MlflowException, connection errors, sqlalchemy errors...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--tracking-uri {uri}: cannot use this tracking store: {first[:300]}") from None
-
-
-def artifact_root(uri: str) -> str | None:
-    """Local artifacts beside a SQLite store (<db folder>/mlartifacts); None: the store's default."""
-    if uri.startswith("sqlite:///"):
-        return os.path.join(os.path.dirname(uri[len("sqlite:///") :]), "mlartifacts")
-    return None
-
-
-def experiment_id(c: Any, name: str, tracking_uri: str) -> str:
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_root(tracking_uri))
-
-
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def search_runs(c: Any, exp_id: str, search: str, role: str) -> list[Any]:
-    """Every run of `search` with `role` (search | trial) in the experiment, oldest first."""
-    flt = f"tags.`{TAG_ROLE}` = {_quote(role)} AND tags.`{TAG_SEARCH}` = {_quote(search)}"
-    out, token = [], None
-    while True:
-        page = c.search_runs(
-            [exp_id], flt, max_results=1000, page_token=token, order_by=["attributes.start_time ASC"]
-        )
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
 
 
 # ---- the parent run --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import sys
 
 from search.errors import UserError
 from search.options import tracking_uri as resolve_uri
-from search.tracking import artifact_root, check_tracking
+from search.store import artifact_root, check_tracking
 
 
 def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:

@@ -108,7 +108,7 @@ def test_bad_files_and_models_are_one_clear_line(promoted, new_clips, tmp_path: 
         assert "Traceback" not in err
     with pytest.raises(UserError, match="no MLflow store at"):
         predict([good], tracking=f"sqlite:///{tmp_path / 'nothing.db'}")
-    from search.promote import client
+    from search.store import client
 
     client(
         f"sqlite:///{tmp_path / 'other.db'}", must_exist=False

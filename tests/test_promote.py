@@ -1,5 +1,6 @@
-"""`esc50 promote`: best trial -> ensemble pyfunc -> registry aliases, rollback, out-of-fold report,
-and the promoted model in a fresh process without this project."""
+"""`esc50 promote`: best trial -> ensemble pyfunc -> registry, with its out-of-fold report on the
+promotion run, bad input as clear errors, and the promoted model in a fresh process without this
+project. The out-of-fold predictions themselves: test_oof.py; aliases and rollback: test_registry.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 
 from search.cli import main
 from search.errors import UserError
-from search.promote import CHAMPION, PREVIOUS, load_checkpoint, out_of_fold, promote, rollback
+from search.promote import promote
+from search.registry import CHAMPION, PREVIOUS
 from tests.fixtures.promoted import copy_checkpoint, log_search
 
 
@@ -73,69 +75,6 @@ def test_promote_picks_the_best_finished_trial_and_registers_champion(
         )
     assert run.data.metrics["oof_clips"] == 16  # folds 1 and 2 of the 40-clip tree
     assert "out-of-fold acc" in result.summary() and "esc50-cnn v1 is champion" in result.summary()
-
-
-def test_second_promote_moves_champion_sets_previous_and_rollback_restores(
-    trained_checkpoint, mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    shards, art = trained_checkpoint.shards, tmp_path / "artifacts"
-    log_search(mlflow_uri, "first", [_trial(trained_checkpoint.path, 0.8)], shards, art)
-    log_search(
-        mlflow_uri,
-        "second",
-        [_trial(copy_checkpoint(trained_checkpoint, tmp_path / "c2"), 0.85)],
-        shards,
-        art,
-    )
-    log_search(
-        mlflow_uri, "third", [_trial(copy_checkpoint(trained_checkpoint, tmp_path / "c3"), 0.9)], shards, art
-    )
-    args = ["promote", "--tracking-uri", mlflow_uri, "--search"]
-
-    assert main([*args, "first"]) == 0
-    assert main([*args, "second"]) == 0
-    assert _aliases(mlflow_uri) == {CHAMPION: "2", PREVIOUS: "1"}
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1].startswith("esc50-cnn v2 is champion (search second") and out[-1].endswith("previous: v1")
-    assert promote(search="third", tracking=mlflow_uri).previous == "2"
-    assert _aliases(mlflow_uri) == {CHAMPION: "3", PREVIOUS: "2"}
-
-    assert main(["promote", "--rollback", "--tracking-uri", mlflow_uri]) == 0
-    assert capsys.readouterr().out.strip() == "esc50-cnn: champion is v2, previous is v1"
-    assert _aliases(mlflow_uri) == {CHAMPION: "2", PREVIOUS: "1"}
-    assert rollback(mlflow_uri) == ("1", None)
-    assert _aliases(mlflow_uri) == {CHAMPION: "1"}
-    with pytest.raises(UserError, match="no 'previous' version"):
-        rollback(mlflow_uri)
-    # Without --search, the most recent search is promoted.
-    assert promote(tracking=mlflow_uri).trial.search == "third"
-
-
-def test_out_of_fold_predictions_come_from_the_model_that_did_not_train_on_the_clip(
-    trained_checkpoint,
-) -> None:
-    """Each fold model is rigged to always answer its own class: every clip's answer then shows
-    which model scored it."""
-    from trainable.shards import load_shards
-
-    meta, states, ensemble = load_checkpoint(trained_checkpoint.path)
-    rigged = {1: 3, 2: 0}  # fold -> the class its model always predicts
-    for i, k in enumerate(ensemble.folds):
-        fc = ensemble.nets[i].head.fc
-        with torch.no_grad():
-            fc.weight.zero_()
-            fc.bias.fill_(-10.0)
-            fc.bias[rigged[k]] = 10.0
-    data = load_shards(trained_checkpoint.shards)  # all 5 folds: 3-5 have no model in this checkpoint
-    oof = out_of_fold(ensemble, data)
-    assert sorted(set(oof.fold.tolist())) == [1, 2] and len(oof.fold) == 16
-    assert (oof.model_fold == oof.fold).all()
-    for k, cls in rigged.items():
-        assert (oof.pred[oof.fold == k] == cls).all()
-    # and the fold models really were trained without their validation fold
-    for k, s in states.items():
-        assert s["fold"] == k
-    assert oof.confusion().sum() == 16 and oof.confusion()[:, 3].sum() == 8
 
 
 def test_promote_bad_input_is_a_clear_error(

@@ -1,0 +1,51 @@
+"""The registry's two aliases: a promotion moves `champion` to the new version and `previous` to the
+one it replaced; a rollback moves them back one step at a time (search/registry.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.cli import main
+from search.errors import UserError
+from search.promote import promote
+from search.registry import CHAMPION, PREVIOUS, rollback
+from tests.fixtures.promoted import copy_checkpoint, log_search
+from tests.test_promote import _aliases, _trial
+
+
+def test_second_promote_moves_champion_sets_previous_and_rollback_restores(
+    trained_checkpoint, mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shards, art = trained_checkpoint.shards, tmp_path / "artifacts"
+    log_search(mlflow_uri, "first", [_trial(trained_checkpoint.path, 0.8)], shards, art)
+    log_search(
+        mlflow_uri,
+        "second",
+        [_trial(copy_checkpoint(trained_checkpoint, tmp_path / "c2"), 0.85)],
+        shards,
+        art,
+    )
+    log_search(
+        mlflow_uri, "third", [_trial(copy_checkpoint(trained_checkpoint, tmp_path / "c3"), 0.9)], shards, art
+    )
+    args = ["promote", "--tracking-uri", mlflow_uri, "--search"]
+
+    assert main([*args, "first"]) == 0
+    assert main([*args, "second"]) == 0
+    assert _aliases(mlflow_uri) == {CHAMPION: "2", PREVIOUS: "1"}
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("esc50-cnn v2 is champion (search second") and out[-1].endswith("previous: v1")
+    assert promote(search="third", tracking=mlflow_uri).previous == "2"
+    assert _aliases(mlflow_uri) == {CHAMPION: "3", PREVIOUS: "2"}
+
+    assert main(["promote", "--rollback", "--tracking-uri", mlflow_uri]) == 0
+    assert capsys.readouterr().out.strip() == "esc50-cnn: champion is v2, previous is v1"
+    assert _aliases(mlflow_uri) == {CHAMPION: "2", PREVIOUS: "1"}
+    assert rollback(mlflow_uri) == ("1", None)
+    assert _aliases(mlflow_uri) == {CHAMPION: "1"}
+    with pytest.raises(UserError, match="no 'previous' version"):
+        rollback(mlflow_uri)
+    # Without --search, the most recent search is promoted.
+    assert promote(tracking=mlflow_uri).trial.search == "third"
