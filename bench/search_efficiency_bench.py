@@ -9,7 +9,7 @@ crops: cheap on a CPU) or `wide` (the compact preset's network: for a GPU). Each
 model per validation fold (`--val-folds`, each on the other `--folds`) and is scored by their mean
 accuracy per epoch, as a product trial is. Both searches draw from the proxy's space below
 (learning rate, weight decay, batch size, dropout, mixup, label smoothing; `wide` adds SpecAugment
-and roll), with fixed seeds:
+and roll), with fixed seeds (each search its own, so they share no draws):
 
   1. random search: `--trials` trials, each trained all `--epochs` epochs;
      B = its best result: the best final score of its trials (what the search would report);
@@ -82,6 +82,7 @@ def proxy_space_wide(trial):
 
 
 PROXIES = {"small": "proxy_space", "wide": "proxy_space_wide"}
+TPE_SEED_OFFSET = 7919  # TPE+ASHA's seed = the random search's + this
 
 
 def final_best(events: list[Event], epochs: int) -> float:
@@ -240,7 +241,12 @@ def main() -> int:
         target = final_best(rnd_events, args.epochs)
         s1 = time.time()
         # TPE+ASHA: as many trials as its epoch budget (random's whole spend) allows, stopping at B.
-        tpe_events, tpe_counts = search(f"tpe_asha-{seed}", "tpe", True, seed, full, len(rnd_events), target)
+        # Its own seed: TPE's first trials are random draws, which with the same seed would repeat the
+        # random search's first trials (and so its best, if that came early).
+        tpe_seed = seed + TPE_SEED_OFFSET
+        tpe_events, tpe_counts = search(
+            f"tpe_asha-{seed}", "tpe", True, tpe_seed, full, len(rnd_events), target
+        )
         rnd, tpe = epochs_to_reach(rnd_events, target), epochs_to_reach(tpe_events, target)
         rep = {
             "seed": seed,
