@@ -16,7 +16,7 @@ from spaces.registry import Space
 from trainable.config import TrainConfig
 
 
-@pytest.mark.parametrize("name", ["seed", "default", "cpu", "augment", "regularize"])
+@pytest.mark.parametrize("name", ["seed", "default", "cpu", "augment", "regularize", "compact", "full"])
 def test_named_space_gives_valid_configs(name: str) -> None:
     space = load_space(name)
     samples = space.validate(n=24, seed=1)
@@ -28,7 +28,9 @@ def test_named_spaces_search_what_they_say() -> None:
     assert set(names()) >= {"seed", "default", "augment", "regularize"}
     seed = load_space("seed").describe(n=5)
     assert seed.params == {}  # one fixed point: the notebook's recipe
-    assert TrainConfig.from_dict(load_space("seed").sample(1)[0].config) == TrainConfig.preset("seed")
+    for preset in ("seed", "compact", "full"):  # the presets as searchable fixed points
+        assert load_space(preset).describe(n=3).params == {}
+        assert TrainConfig.from_dict(load_space(preset).sample(1)[0].config) == TrainConfig.preset(preset)
 
     default = load_space("default").describe()
     for key in (
