@@ -163,6 +163,29 @@ def summarize(out: dict, dest: Path) -> None:
     tmp.replace(dest)
 
 
+def merge(paths: list[str], dest: Path) -> None:
+    """One result from runs of the same proxy with other seeds (e.g. run one after another)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    same = ("engine", "proxy")
+    key = [{k: v for k, v in r["proxy"].items() if k not in ("seed", "repeats")} for r in runs]
+    if any(r["engine"] != runs[0]["engine"] for r in runs) or any(k != key[0] for k in key):
+        raise SystemExit(f"cannot merge: the runs differ in {same} (other than seed and repeats)")
+    out = {**runs[0], "merged_from": paths, "repeats": [rep for r in runs for rep in r["repeats"]]}
+    seeds = [rep["seed"] for rep in out["repeats"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"cannot merge: seeds {sorted(seeds)} repeat")
+    out["started"] = time.time() - sum(r["seconds"] for r in runs)
+    summarize(out, dest)
+    for rep in out["repeats"]:
+        print(
+            f"seed {rep['seed']}: ratio {rep['ratio_to_B']:.3f} to B, {rep['ratio_to_budget']:.3f} of budget"
+        )
+    print(
+        f"{len(seeds)} seeds: TPE+ASHA reached B in {out['reached']}; median {out['median_ratio_to_B']:.3f} "
+        f"of random's epochs to B, {out['median_ratio_to_budget']:.3f} of its budget; result: {dest}"
+    )
+
+
 # ---- the benchmark --------------------------------------------------------------------------------
 
 
@@ -183,7 +206,11 @@ def main() -> int:
     ap.add_argument(
         "--out", default=None, help="default bench/results/search_efficiency_<engine>_<time>.json"
     )
+    ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON", help="combine runs that used other seeds")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out or ROOT / "bench" / "results" / "search_efficiency_merged.json"))
+        return 0
     args.folds = [int(f) for f in args.folds.split(",")]
     args.val_folds = [int(f) for f in args.val_folds.split(",")]
     if not set(args.val_folds) <= set(args.folds):
