@@ -328,13 +328,18 @@ def _add_main(sub: argparse._SubParsersAction) -> None:
         "--source", help="ESC-50 copy or archive URL (default: $ESC50_SOURCE, else the official archive)"
     )
     p.add_argument("--space", default="cpu", help="search space (default cpu)")
-    p.add_argument("--trials", type=int, default=4, help="trials (default 4)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs per trial (default 5)")
+    p.add_argument("--trials", type=int, help="trials (default 4; --smoke: 2)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default 5; --smoke: 2)")
     p.add_argument("--name", help="the search's name (default main-<date>-<time>)")
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
     )
     p.add_argument("--gpus-per-fold", type=float, default=0.0, help="GPUs of each fold worker (default 0)")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model, 2 folds, 2 trials, 2 epochs: the whole path in a minute",
+    )
     p.set_defaults(func=_run_main)
 
 
@@ -347,10 +352,12 @@ def _run_main(args: argparse.Namespace) -> int:
     opts = SearchOptions(
         name=args.name or "main-" + time.strftime("%Y%m%d-%H%M%S"),
         space=args.space,
-        trials=args.trials,
-        epochs=args.epochs,
+        # unset under --smoke: the smoke defaults fill them (search/options.py)
+        trials=args.trials if args.trials is not None or args.smoke else 4,
+        epochs=args.epochs if args.epochs is not None or args.smoke else 5,
         tracking_uri=args.tracking_uri,
         gpus_per_fold=args.gpus_per_fold,
+        smoke=args.smoke,
     )
     result = run_main(args.source, opts)
     print(result.promoted.summary())
