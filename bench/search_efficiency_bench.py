@@ -103,7 +103,7 @@ def epochs_to_reach(events: list[Event], target: float) -> int | None:
 
 def _tune_arrivals(uri: str, search: str) -> list[Event]:
     """Every reported epoch of the search from MLflow: (time, trial id, epoch, cv_acc_mean)."""
-    from search.tracking import TAG_TRIAL, client, search_runs
+    from search.store import TAG_TRIAL, client, search_runs
 
     c = client(uri)
     exp = c.get_experiment_by_name("esc50").experiment_id

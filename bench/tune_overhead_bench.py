@@ -146,17 +146,17 @@ def run_tune(
 def mlflow_callback_factory(tmp: str, folds: list[int]):
     """The search's MLflow callback (search/tracking.py) under a parent run, as `esc50 search` logs."""
     try:
-        from search import tracking
+        from search import store, tracking
     except ImportError:
         return None
     uri = f"sqlite:///{tmp}/mlflow.db"
-    tracking.check_tracking(uri)
-    c = tracking.client(uri)
-    exp = tracking.experiment_id(c, "tune_overhead", uri)
+    store.check_tracking(uri)
+    c = store.client(uri)
+    exp = store.experiment_id(c, "tune_overhead", uri)
 
     def make(i: int):
         name = f"overhead_{i}"
-        tags = {tracking.TAG_ROLE: "search", tracking.TAG_SEARCH: name}
+        tags = {store.TAG_ROLE: "search", store.TAG_SEARCH: name}
         parent = c.create_run(exp, run_name=name, tags=tags)
         return tracking.MLflowTrialCallback(uri, exp, name, parent.info.run_id, folds)
 

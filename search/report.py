@@ -19,7 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.tracking import COMPLETED, FAILED, METRIC, PRUNED, checkpoint_uri, trial_status
+from search.store import COMPLETED, FAILED, METRIC, PRUNED
+from search.tracking import checkpoint_uri, trial_status
 
 PENDING = "pending"
 

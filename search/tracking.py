@@ -1,6 +1,6 @@
 """MLflow records of a search: one parent run per search, one nested child run per trial.
 
-    check_tracking(uri)                                     # UserError before any trial starts
+    store.check_tracking(uri)                               # UserError before any trial starts
     parent = open_search_run(uri, opts, space)              # created, or found again on resume
     callback = MLflowTrialCallback(uri, parent.experiment_id, opts.name, parent.run_id, opts.folds)
     tune.RunConfig(callbacks=[callback], ...)
@@ -22,7 +22,7 @@ Only the driver talks to MLflow (the callback runs in the Tune driver), with the
 resolved.
 
 The client, tags, statuses and queries live in search/store.py (no Ray there, so promote, predict
-and ui start fast); they are imported here too, so `tracking.client` etc. keep working.
+and ui start fast); import them from there.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from typing import Any
 from ray import tune
 
 from search.errors import UserError
-from search.store import (  # noqa: F401 (re-exported: the search's callers use tracking.X)
+from search.store import (
     COMPLETED,
-    ENDED,
     FAILED,
     INTERRUPTED,
     METRIC,
@@ -55,13 +54,8 @@ from search.store import (  # noqa: F401 (re-exported: the search's callers use 
     TAG_STATUS,
     TAG_TRIAL,
     TAG_TRIAL_ALIAS,
-    artifact_root,
-    check_tracking,
     client,
     experiment_id,
-    filter_literal,
-    hide_mlflow_notices,
-    quiet_mlflow,
     search_runs,
 )
 

@@ -42,6 +42,7 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from search import store
 from search.concurrency import default_concurrency, trial_resources
 from search.errors import UserError
 from search.options import OPTIONS_FILE, SearchOptions
@@ -304,9 +305,7 @@ def run_search(opts: SearchOptions, resume: bool = False, data: Any = None, stop
             f"continue it with --resume {opts.name}, or choose another --name"
         )
     _check_shards(opts)
-    from search import tracking
-
-    tracking.check_tracking(opts.tracking_uri)
+    store.check_tracking(opts.tracking_uri)
 
     # 2. Ray
     import ray
@@ -423,13 +422,13 @@ def _search(
         results = tuner.fit()
 
         # 5. results: table, files, parent run
-        c = tracking.client(opts.tracking_uri)
-        runs = tracking.search_runs(c, parent.experiment_id, opts.name, "trial")
-        run_ids = {r.data.tags.get(tracking.TAG_TRIAL): r.info.run_id for r in runs}
-        statuses = {r.data.tags.get(tracking.TAG_TRIAL): r.data.tags.get(tracking.TAG_STATUS) for r in runs}
+        c = store.client(opts.tracking_uri)
+        runs = store.search_runs(c, parent.experiment_id, opts.name, "trial")
+        run_ids = {r.data.tags.get(store.TAG_TRIAL): r.info.run_id for r in runs}
+        statuses = {r.data.tags.get(store.TAG_TRIAL): r.data.tags.get(store.TAG_STATUS) for r in runs}
         rows = report.collect(results, run_ids, statuses)
         counts = report.counts(rows)
-        ended = sum(counts.get(k, 0) for k in tracking.ENDED)
+        ended = sum(counts.get(k, 0) for k in store.ENDED)
         interrupted = ended < opts.trials
         best = report.best(rows)
         fold_epochs = sum(r.epochs_done for r in rows) * len(opts.folds)
@@ -465,7 +464,7 @@ def _search(
     except BaseException:
         if status == "FAILED":
             try:
-                tracking.client(opts.tracking_uri).set_terminated(parent.run_id, status="FAILED")
+                store.client(opts.tracking_uri).set_terminated(parent.run_id, status="FAILED")
             except Exception:
                 pass
         raise
@@ -493,7 +492,7 @@ def _finish_parent(opts, parent, space, rows, best, counts, fold_epochs, interru
                 "esc50.best_checkpoint": best.checkpoint or "",
             }
         )
-    c = tracking.client(opts.tracking_uri)
+    c = store.client(opts.tracking_uri)
     have = c.get_run(parent.run_id).data.metrics
     metrics = {k: v for k, v in metrics.items() if have.get(k) != v}  # a resume logs only what changed
     with tempfile.TemporaryDirectory(prefix="esc50_search_") as d:

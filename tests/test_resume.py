@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
-from search.tracking import client
+from search.store import client
 from tests.test_tracking import assert_agree, mlflow_runs
 
 TRIALS = 3

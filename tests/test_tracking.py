@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from search.options import SearchOptions
-from search.tracking import MLflowTrialCallback, check_tracking, client, experiment_id, open_search_run
+from search.store import check_tracking, client, experiment_id
+from search.tracking import MLflowTrialCallback, open_search_run
 from trainable.config import TrainConfig
 
 
