@@ -18,6 +18,10 @@ failed (MLflow FAILED), or interrupted (the driver stopped; MLflow KILLED until 
 
 Nothing is logged twice: the callback finds a search's existing runs by tag (on resume), and skips
 an epoch already logged for a trial (a trial resumed from an older checkpoint reports it again).
+A trial's run is created with its Tune trial id as a tag in the one create request, and that tag
+is where its run id is recorded: a hook that fails after the create (params, metrics, a lost
+answer) is retried after reading the runs back by tag, and a resumed driver reads them the same
+way, so no retry or resume makes a second run for a trial.
 Only the driver talks to MLflow (the callback runs in the Tune driver), with the URI the driver
 resolved.
 
@@ -218,7 +222,11 @@ def _safe(hook):
                     log.warning("MLflow tracking: %s failed: %s: %s", hook.__name__, type(e).__name__, e)
                     return None
                 time.sleep(1.0)
+                # Forget what this process believes about the store: the retry reads the trial
+                # runs back by tag, so a run created before the failure (even one whose create
+                # answer was lost) is found, not made again.
                 self._client = None
+                self._runs = None
 
     return wrapper
 
@@ -252,6 +260,7 @@ class MLflowTrialCallback(tune.Callback):
         self._runs: dict[str, str] | None = None  # trial id -> run id
         self._steps: dict[str, set[int]] = {}  # run id -> epochs logged
         self._done: set[str] = set()  # trial ids whose run was ended by this process
+        self._no_params: set[str] = set()  # run ids whose params are not logged yet
         self._orphans_checked = False
 
     def __getstate__(self) -> dict[str, Any]:
@@ -271,26 +280,50 @@ class MLflowTrialCallback(tune.Callback):
     def _known(self) -> dict[str, str]:
         if self._runs is None:
             self._runs = {}
-            for run in search_runs(self.client, self.experiment_id, self.search, "trial"):
+            runs = search_runs(self.client, self.experiment_id, self.search, "trial")
+            # The oldest run of a trial is its run (a store written before runs were recorded at
+            # creation may hold a later, second one).
+            for run in sorted(runs, key=lambda r: r.info.start_time or 0):
                 tid = run.data.tags.get(TAG_TRIAL)
                 if tid and tid not in self._runs:
                     self._runs[tid] = run.info.run_id
+                    if not run.data.params:
+                        self._no_params.add(run.info.run_id)
         return self._runs
 
     def run_id(self, trial: Any) -> str:
-        """The trial's run: the one already recorded for it (resume), else a new one."""
+        """The trial's run: the one already recorded for it (resume, or a retried hook), else a new one.
+
+        The run is created with the trial's id as a tag in the same request, so from the moment it
+        exists a search by tag finds it (`_known`); everything logged to it afterwards (params,
+        metrics) can fail and be retried without making a second run."""
         runs = self._known()
         tid = trial.trial_id
-        if tid in runs:
-            rid = runs[tid]
-            if rid not in self._steps:
-                history = self.client.get_metric_history(rid, METRIC)
-                self._steps[rid] = {int(m.step) for m in history}
-            return rid
+        if tid not in runs:
+            runs[tid] = self._create_run(trial)
+            self._no_params.add(runs[tid])
+        rid = runs[tid]
+        if rid in self._no_params:
+            self._log_params(rid, trial)
+            self._no_params.discard(rid)
+        if rid not in self._steps:
+            history = self.client.get_metric_history(rid, METRIC)
+            self._steps[rid] = {int(m.step) for m in history}
+        return rid
+
+    def _log_params(self, rid: str, trial: Any) -> None:
         from mlflow.entities import Param
 
         from trainable.cv import resolve_config
 
+        try:
+            params = resolve_config(trial.config).to_dict()
+        except ValueError:  # the trial will fail and say why; still record what it was given
+            params = dict(trial.config)
+        self.client.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+
+    def _create_run(self, trial: Any) -> str:
+        tid = trial.trial_id
         tags = {
             TAG_ROLE: "trial",
             TAG_SEARCH: self.search,
@@ -301,16 +334,7 @@ class MLflowTrialCallback(tune.Callback):
             "esc50.folds": ",".join(map(str, self.folds)),
             "esc50.sampled": ",".join(k for k in self.sampled if k in trial.config),
         }
-        run = self.client.create_run(self.experiment_id, run_name=f"trial_{tid}", tags=tags)
-        rid = run.info.run_id
-        try:
-            params = resolve_config(trial.config).to_dict()
-        except ValueError:  # the trial will fail and say why; still record what it was given
-            params = dict(trial.config)
-        self.client.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(params.items())])
-        runs[tid] = rid
-        self._steps[rid] = set()
-        return rid
+        return self.client.create_run(self.experiment_id, run_name=f"trial_{tid}", tags=tags).info.run_id
 
     def _set_status(self, trial: Any, status: str, error: str | None = None) -> None:
         rid = self.run_id(trial)

@@ -181,6 +181,72 @@ def test_callback_logs_nothing_twice(mlflow_uri: str, tmp_path: Path) -> None:
     assert experiment_id(c, "esc50", mlflow_uri) == parent.experiment_id
 
 
+class _FailsOnce:
+    """A real MlflowClient whose `method` raises once, after (`after=True`: the store did the work and
+    the answer was lost) or before doing it: the failures between creating a trial's run and logging
+    to it that a tracking hook meets."""
+
+    def __init__(self, real: Any, method: str, after: bool) -> None:
+        self._real, self._method, self._after, self.failed = real, method, after, False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name != self._method or self.failed:
+            return attr
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            self.failed = True
+            if self._after:
+                attr(*args, **kwargs)
+            raise ConnectionError(f"injected: {name} failed")
+
+        return flaky
+
+
+@pytest.mark.parametrize(
+    "method, after", [("log_batch", False), ("create_run", True), ("get_metric_history", False)]
+)
+def test_a_failure_after_creating_a_trial_run_never_makes_a_second_one(
+    mlflow_uri: str, tmp_path: Path, method: str, after: bool
+) -> None:
+    """The hook fails between creating the run and logging to it; `_safe` retries it, the driver then
+    dies and a resumed callback takes over: still one run per trial, with its params and every epoch."""
+    check_tracking(mlflow_uri)
+    opts = SearchOptions(
+        name="flaky", shards=str(tmp_path), tracking_uri=mlflow_uri, storage=str(tmp_path)
+    ).resolve()
+    parent = open_search_run(mlflow_uri, opts, __import__("spaces").load_space("seed"), {"trials": 2})
+    cb = MLflowTrialCallback(mlflow_uri, parent.experiment_id, "flaky", parent.run_id, (1,), ["lr"])
+    cb.setup()
+    t1, t2 = _trial("t1"), _trial("t2")
+    flaky = _FailsOnce(client(mlflow_uri), method, after)
+    cb._client = flaky
+    cb.on_trial_start(0, [t1, t2], t1)  # fails once inside, retried by the hook wrapper
+    assert flaky.failed
+    cb.on_trial_result(0, [t1, t2], t1, _result(1))
+    cb.on_trial_start(0, [t1, t2], t2)
+
+    # A second failure of the same kind, then the driver dies before anything else is logged.
+    cb._client = _FailsOnce(client(mlflow_uri), method, after)
+    cb.on_trial_result(0, [t1, t2], t2, _result(1))
+    resumed = pickle.loads(pickle.dumps(cb))
+    resumed.setup()
+    for t in (t1, t2):
+        resumed.on_trial_start(0, [t1, t2], t)
+        resumed.on_trial_result(0, [t1, t2], t, _result(2))
+        t.last_result = _result(2)
+        resumed.on_trial_complete(0, [t1, t2], t)
+
+    c = client(mlflow_uri)
+    everything = c.search_runs([parent.experiment_id], "tags.`esc50.role` = 'trial'", run_view_type=3)
+    assert sorted(r.data.tags["esc50.trial_id"] for r in everything) == ["t1", "t2"]  # deleted ones too
+    _, runs = mlflow_runs(mlflow_uri, "flaky")
+    for tid, run in runs.items():
+        assert run.data.params["lr"] == "0.01" and run.info.status == "FINISHED", tid
+        history = c.get_metric_history(run.info.run_id, "cv_acc_mean")
+        assert sorted(m.step for m in history) == [1, 2], tid
+
+
 def test_ui_is_local_and_light(mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
