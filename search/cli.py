@@ -148,13 +148,19 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--top-k", type=int, default=5, help="classes to show per file (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--allow-pickled",
+        action="store_true",
+        help="also load a model that holds pickled Python code (one promoted before models were "
+        "logged as code); loading it runs that code: only for a registry you trust",
+    )
     p.set_defaults(func=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
     from search.predict import format_results, predict
 
-    results = predict(args.files, args.model, args.tracking_uri, args.top_k)
+    results = predict(args.files, args.model, args.tracking_uri, args.top_k, args.allow_pickled)
     print(format_results(results, args.json))
     return 0
 

@@ -24,6 +24,8 @@ from search.store import client
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_MODEL = f"models:/{DEFAULT_NAME}@{CHAMPION}"
+# MLflow's loaders of a model from code (3.17 writes the first; the second reads the same layout).
+CODE_LOADERS = ("mlflow.pyfunc.loaders.code_model", "mlflow.pyfunc.model")
 FILES_PER_CALL = 32  # files per pyfunc call: bounds memory for long lists of long files
 
 
@@ -59,23 +61,61 @@ def read_clip(path: str | Path) -> Clip:
     return Clip(str(path), wave, rate)
 
 
-def load_model(model_uri: str, tracking: str | None = None) -> Any:
-    """The pyfunc at `model_uri`; UserError when the URI, model or alias does not exist."""
+def pickled_code(model_uri: str) -> str | None:
+    """Why loading `model_uri` would unpickle Python code, or None when it would not.
+
+    Only the MLmodel file is read (no weights, no code). A model this project promotes is a model
+    from code (`model_code_path`: its source is a file in the model); one promoted before that, or
+    any other pyfunc flavor, is a cloudpickled object (`python_model`) or a loader that unpickles."""
+    from mlflow.models import Model
+
+    flavor = Model.load(model_uri).flavors.get("python_function")
+    if flavor is None:
+        return "it has no python_function flavor"
+    if flavor.get("python_model"):
+        return f"it holds a pickled Python object ({flavor['python_model']})"
+    if not flavor.get("model_code_path") or flavor.get("loader_module") not in CODE_LOADERS:
+        return f"it is not a model from code (loader {flavor.get('loader_module')})"
+    return None
+
+
+def load_model(model_uri: str, tracking: str | None = None, allow_pickled: bool = False) -> Any:
+    """The pyfunc at `model_uri`; UserError when the URI, model or alias does not exist, or when the
+    model holds pickled code (a version promoted before models were logged as code) and
+    `allow_pickled` is not set: loading it would run whatever code was pickled into it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     c = client(tracking, must_exist=model_uri.startswith(("models:/", "runs:/")))
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        why = pickled_code(model_uri)
+        if why and not allow_pickled:
+            raise UserError(
+                f"refusing to load {model_uri}: {why}, and loading it would run that code. "
+                "Re-promote its trial (`esc50 promote --run <trial run id>`) to register it as a model "
+                "from code, or pass --allow-pickled if you trust whoever registered it"
+            )
+        model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as e:
         hint = " (run `esc50 promote` first)" if model_uri.startswith("models:/") else ""
         raise UserError(f"cannot load model {model_uri} from {c.tracking_uri}: {e.message}{hint}") from None
     except OSError as e:
         raise UserError(f"cannot load model {model_uri}: {e}") from None
+    # The request limits protect a server from its clients (trainable/serving.py); here the user
+    # scores their own files in their own process, so a long recording is not refused.
+    inner = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
+    policy = getattr(inner, "policy", None)
+    if policy is not None and hasattr(policy, "unlimited"):
+        inner.policy = type(policy).unlimited()
+    return model
 
 
 def predict(
-    files: Sequence[str | Path], model_uri: str = DEFAULT_MODEL, tracking: str | None = None, top_k: int = 5
+    files: Sequence[str | Path],
+    model_uri: str = DEFAULT_MODEL,
+    tracking: str | None = None,
+    top_k: int = 5,
+    allow_pickled: bool = False,
 ) -> list[dict[str, Any]]:
     """One result dict per file: file, seconds, sample_rate, label, silent, windows, top [(label, p)]."""
     import pandas as pd
@@ -86,7 +126,7 @@ def predict(
     if top_k < 1:
         raise UserError("--top-k must be >= 1")
     clips = [read_clip(f) for f in files]  # every file is checked before the model loads
-    model = load_model(model_uri, tracking)
+    model = load_model(model_uri, tracking, allow_pickled)
     results = []
     for s in range(0, len(clips), FILES_PER_CALL):
         batch = clips[s : s + FILES_PER_CALL]

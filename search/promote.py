@@ -12,9 +12,11 @@ How a promotion runs (`promote`, at the end of this file, top to bottom):
   3. out-of-fold report (search/oof.py): every clip of the checkpoint's folds predicted by the one
      fold model that validated on it, from the search's shards, which must have the checkpoint's
      feature parameters and fingerprint;
-  4. one promotion run in the trial's experiment: the pyfunc (`trainable.ensemble.EnsembleModel`,
-     with a slim copy of the checkpoint as its artifact and features/models/augment/checkpoint/ensemble
-     as its code), the report's metrics and artifacts (per-class accuracy, confusion matrix picture);
+  4. one promotion run in the trial's experiment: the pyfunc, logged as an MLflow model from code
+     (trainable/pyfunc_entry.py names `trainable.ensemble.EnsembleModel`; the shipped sources,
+     `SHIPPED`, are its code_paths; a slim copy of the checkpoint, plain state dicts read with
+     weights_only, its artifact: no pickled Python object), the report's metrics and artifacts
+     (per-class accuracy, confusion matrix picture);
   5. a new version of the registered model (search/registry.py), tagged with search, trial, config,
      cv_acc_mean/std and the shards' fingerprint; alias `champion` moves to it, the version that
      held it gets `previous`.
@@ -50,7 +52,16 @@ from search.store import (
 )
 
 TRIAL_ID_KEYS = (TAG_TRIAL, TAG_TRIAL_ALIAS)  # where a trial run holds its Tune trial id
-SHIPPED = ("__init__.py", "features.py", "models.py", "augment.py", "checkpoint.py", "ensemble.py")
+SHIPPED = (
+    "__init__.py",
+    "features.py",
+    "models.py",
+    "augment.py",
+    "checkpoint.py",
+    "serving.py",
+    "ensemble.py",
+)
+ENTRY = "pyfunc_entry.py"  # the model's code file (models from code): names the pyfunc
 REQUIREMENTS = ("torch", "torchaudio", "numpy", "pandas", "mlflow", "soundfile")
 
 if TYPE_CHECKING:  # annotations only: torch loads when a checkpoint does
@@ -236,13 +247,8 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
     """Log the ensemble pyfunc into the active run; returns mlflow's ModelInfo."""
     import mlflow
 
-    from trainable.ensemble import (
-        CHECKPOINT_ARTIFACT,
-        EnsembleModel,
-        example_input,
-        signature,
-        write_slim_checkpoint,
-    )
+    import trainable
+    from trainable.ensemble import CHECKPOINT_ARTIFACT, example_input, signature, write_slim_checkpoint
     from trainable.features import FeatureParams
 
     slim = work / "checkpoint"
@@ -251,7 +257,8 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
     with hide_mlflow_notices():
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=EnsembleModel(),
+            # A model from code: MLflow stores this file's source, not a pickled instance.
+            python_model=str(Path(trainable.__file__).parent / ENTRY),
             artifacts={CHECKPOINT_ARTIFACT: str(slim)},
             code_paths=[str(code)],
             signature=signature(),

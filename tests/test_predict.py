@@ -117,13 +117,16 @@ def test_bad_files_and_models_are_one_clear_line(promoted, new_clips, tmp_path: 
         predict([good], tracking=f"sqlite:///{tmp_path / 'other.db'}")
 
 
-def test_pyfunc_inputs_dict_records_path_and_bad_requests(promoted, new_clips) -> None:
+def test_pyfunc_inputs_dict_records_path_and_bad_requests(promoted, new_clips, monkeypatch) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from trainable.serving import PATH_REFUSED
+
+    path, category = new_clips[2]
+    monkeypatch.setenv("ESC50_SERVE_AUDIO_DIR", str(path.parent))  # read when the model loads
     mlflow.set_tracking_uri(promoted.uri)
     model = mlflow.pyfunc.load_model("models:/esc50-cnn@champion")
-    path, category = new_clips[2]
     wave, rate = decode(path)
     by_dict = model.predict({"waveform": wave.tolist(), "sample_rate": rate})
     by_path = model.predict(pd.DataFrame({"path": [str(path)]}), params={"top_k": 2})
@@ -137,7 +140,7 @@ def test_pyfunc_inputs_dict_records_path_and_bad_requests(promoted, new_clips) -
             pd.DataFrame({"waveform": [[0.1, 0.2]], "sample_rate": [0]}),
             "sample_rate must be a positive integer",
         ),
-        (pd.DataFrame({"path": ["/no/such/file.wav"]}), "cannot decode audio"),
+        (pd.DataFrame({"path": ["/no/such/file.wav"]}), PATH_REFUSED),
     ]
     for frame, message in bad:
         with pytest.raises(MlflowException, match=message):

@@ -22,7 +22,9 @@ columns, or a `path` column; output: one row per clip with `label`, `probability
 `top_probabilities`, `probabilities`, `silent`, `windows`).
 
 This module is shipped inside the promoted model (mlflow `code_paths`) together with features.py,
-models.py, augment.py and checkpoint.py (the checkpoint layout, shared with the Tune trainable), and
+models.py, augment.py, serving.py (request limits, which files `path` may read) and checkpoint.py
+(the checkpoint layout, shared with the Tune trainable); pyfunc_entry.py names the pyfunc (the
+model is logged as code, never pickled), and
 is loaded in processes that do not have this project installed: it imports only torch, torchaudio,
 numpy, pandas, mlflow (and soundfile, for `path` input) and its sibling modules, relatively.
 """
@@ -44,15 +46,12 @@ from .augment import eval_crops
 from .checkpoint import read_checkpoint, write_checkpoint
 from .features import FeatureParams, LogMel, fit_length, resampler
 from .models import build_model
+from .serving import InputError, ServePolicy
 
 SILENCE_PEAK = 10 ** (-80 / 20)  # -80 dBFS: below this a clip counts as silent
 OVERHANG = 0.1  # up to this fraction past the clip length is cut off instead of adding a window
 BATCH = 64  # windows per forward pass
 CHECKPOINT_ARTIFACT = "checkpoint"
-
-
-class InputError(ValueError):
-    """A request the model cannot score (bad column, bad sample rate, unreadable file)."""
 
 
 # ---- fold models ------------------------------------------------------------------------------
@@ -193,13 +192,7 @@ class FoldEnsemble(torch.nn.Module):
         wave = torch.as_tensor(np.asarray(mono, dtype=np.float32))
         if wave.dim() != 1:
             raise InputError(f"clip {j}: waveform must be 1-D (mono), got shape {tuple(wave.shape)}")
-        given = rate
-        try:
-            rate = int(rate)
-        except (TypeError, ValueError):  # None, NaN (a row without it), text
-            rate = 0
-        if rate <= 0 or rate != given:
-            raise InputError(f"clip {j}: sample_rate must be a positive integer, got {given!r}")
+        rate = valid_rate(j, rate)
         if not torch.isfinite(wave).all():
             raise InputError(f"clip {j}: waveform contains NaN or infinite samples")
         if rate != self.params.sample_rate and wave.numel():
@@ -250,20 +243,20 @@ def write_slim_checkpoint(
 # ---- the MLflow pyfunc ------------------------------------------------------------------------
 
 
-def read_path(path: str) -> tuple[np.ndarray, int]:
-    """A file on the scoring host -> (mono float32, rate). soundfile is one of the pinned packages."""
-    import soundfile as sf
-
+def valid_rate(j: int, given: Any) -> int:
+    """A clip's sample_rate as a positive int; InputError naming the clip otherwise."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # LibsndfileError, RuntimeError, OSError
-        raise InputError(f"{path}: cannot decode audio: {e}") from None
-    mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float32)
-    return mono, int(rate)
+        rate = int(given)
+    except (TypeError, ValueError, OverflowError):  # None, NaN (a row without it), text
+        rate = 0
+    if rate <= 0 or rate != given:
+        raise InputError(f"clip {j}: sample_rate must be a positive integer, got {given!r}")
+    return rate
 
 
-def _clips_from_input(model_input: Any) -> list[tuple[Any, int]]:
-    """The pyfunc's input (DataFrame, dict, list of dicts) -> [(mono, rate)] in row order."""
+def _clips_from_input(model_input: Any, policy: ServePolicy) -> list[tuple[Any, int]]:
+    """The pyfunc's input (DataFrame, dict, list of dicts) -> [(mono, rate)] in row order, each
+    record checked against `policy` (count, length, rate, which files) before any audio is decoded."""
     if isinstance(model_input, dict):
         model_input = [model_input]
     if isinstance(model_input, list):
@@ -275,22 +268,29 @@ def _clips_from_input(model_input: Any) -> list[tuple[Any, int]]:
     cols = set(model_input.columns)
     if not ({"waveform", "sample_rate"} <= cols or "path" in cols):
         raise InputError(f"input needs columns 'waveform' and 'sample_rate', or 'path'; got {sorted(cols)}")
+    policy.check_records(len(model_input))
     clips = []
     for j, row in enumerate(model_input.to_dict("records")):
         path, wave = row.get("path"), row.get("waveform")
         if isinstance(path, str) and path:
-            clips.append(read_path(path))
+            clips.append(policy.read_path(j, path))
         elif wave is not None and not (isinstance(wave, float) and math.isnan(wave)):
-            clips.append((wave, row.get("sample_rate")))
+            rate = valid_rate(j, row.get("sample_rate"))
+            policy.check_rate(j, rate)
+            policy.check_length(j, int(np.shape(wave)[0]) if np.ndim(wave) else 1, rate)
+            clips.append((wave, rate))
         else:
             raise InputError(f"row {j}: neither a waveform nor a path")
     return clips
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc around `FoldEnsemble`; its artifact `checkpoint` is a (slim) CV checkpoint."""
+    """MLflow pyfunc around `FoldEnsemble`; its artifact `checkpoint` is a (slim) CV checkpoint.
+    What a request may ask (limits, `path` records) is `policy`, read from the environment of the
+    process that loads the model (trainable/serving.py)."""
 
     def load_context(self, context: Any) -> None:
+        self.policy = ServePolicy.from_env()
         self.ensemble = FoldEnsemble.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
 
     # `pd.DataFrame` is a hint mlflow does not turn into a schema: the signature checks the columns.
@@ -301,7 +301,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
         top_k = int((params or {}).get("top_k", 5))
         try:
-            return self.ensemble.predict_clips(_clips_from_input(model_input), top_k=top_k)
+            return self.ensemble.predict_clips(_clips_from_input(model_input, self.policy), top_k=top_k)
         except InputError as e:
             # A 400 from the scoring server, not a 500 with a traceback.
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from None
