@@ -114,21 +114,73 @@ def test_ray_start_and_mlflow_server_commands_parse_with_the_pinned_clis(prepare
         ray_start.make_context("start", [*head[0], "--num-cpu=0"])
 
 
-def test_head_env_file_names_the_private_address(prepared: dict[str, Any], tmp_path: Path) -> None:
-    """The initialization command, run here with its path moved into tmp: one IP, two variables."""
+def test_head_env_file_names_the_private_address_and_the_mlflow_login(
+    prepared: dict[str, Any], tmp_path: Path
+) -> None:
+    """The initialization command, run here with its paths moved into tmp: the IP, the tracking URI,
+    and the MLflow login, whose secret is made once (mode 600) and kept when setup runs again."""
     (command,) = [c for c in prepared["initialization_commands"] if "esc50.env" in c]
-    env_file = tmp_path / "esc50.env"
-    r = subprocess.run(["bash", "-c", command.replace("/home/ubuntu/esc50.env", str(env_file))])
-    assert r.returncode == 0
-    env = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    env_file, secret = tmp_path / "esc50.env", tmp_path / ".esc50-mlflow-admin"
+    command = command.replace("/home/ubuntu/esc50.env", str(env_file))
+    command = command.replace("/home/ubuntu/.esc50-mlflow-admin", str(secret))
+    envs = []
+    for _ in range(2):  # `ray up` again on the same head
+        assert subprocess.run(["bash", "-c", command]).returncode == 0
+        envs.append(dict(line.split("=", 1) for line in env_file.read_text().splitlines()))
+    env = envs[0]
     ip = env["ESC50_HEAD_IP"]
     assert ip and env["MLFLOW_TRACKING_URI"] == f"http://{ip}:5000"
+    assert env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert len(env["MLFLOW_TRACKING_PASSWORD"]) >= 32 and env["MLFLOW_TRACKING_PASSWORD"].isalnum()
+    assert env["MLFLOW_TRACKING_PASSWORD"] == secret.read_text() == envs[1]["MLFLOW_TRACKING_PASSWORD"]
+    assert secret.stat().st_mode & 0o777 == 0o600 and env_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_head_runs_mlflow_with_basic_auth(prepared: dict[str, Any], tmp_path: Path) -> None:
+    """`mlflow server --app-name basic-auth`, its config written by the command before it (run
+    here with HOME in tmp), the admin password and CSRF key from the head, not from git."""
+    import configparser
+
+    from mlflow.cli import cli as mlflow_cli
+
+    (mlflow,) = invocations(prepared["head_start_ray_commands"], "mlflow", "server")
+    assert (
+        mlflow_cli.commands["server"].make_context("server", list(mlflow)).params["app_name"] == "basic-auth"
+    )
+    (start,) = [c for c in prepared["head_start_ray_commands"] if "mlflow server" in c]
+    assert 'MLFLOW_AUTH_CONFIG_PATH="$HOME/mlflow/basic_auth.ini"' in start
+    assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in start
+    assert 'MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat ~/mlflow/flask_secret)"' in start
+    (write,) = [c for c in prepared["head_start_ray_commands"] if "basic_auth.ini" in c and c != start]
+    r = subprocess.run(["bash", "-c", write], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0
+    ini = configparser.ConfigParser()
+    ini.read(tmp_path / "mlflow" / "basic_auth.ini")
+    conf = dict(ini["mlflow"])
+    assert conf["default_permission"] == "NO_PERMISSIONS" and conf["admin_username"] == "admin"
+    assert conf["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert conf["database_uri"] == "sqlite:////home/ray/mlflow/basic_auth.db"
+    assert "admin_password" not in conf  # from the environment, made on the head
+    key = tmp_path / "mlflow" / "flask_secret"
+    assert len(key.read_text()) >= 32 and key.stat().st_mode & 0o777 == 0o600
 
 
 def test_no_credentials_in_cluster_yaml() -> None:
-    text = CLUSTER_YAML.read_text().lower()
-    for needle in ("aws_access_key", "aws_secret", "secret_access", "akia", "ray_auth_token=", "password"):
-        assert needle not in text, needle
+    import re
+
+    text = CLUSTER_YAML.read_text()
+    for needle in (
+        "aws_access_key",
+        "aws_secret",
+        "secret_access",
+        "akia",
+        "ray_auth_token=",
+        "admin_password =",  # a password in the basic-auth ini
+    ):
+        assert needle not in text.lower(), needle
+    # A password or key is only ever set from a variable or a file made on the head.
+    values = re.findall(r"(?:PASSWORD|SECRET_KEY)=(\S+)", text)
+    assert values and all(v.startswith(('"$', "%s")) for v in values), values
 
 
 def test_every_command_is_valid_shell(prepared: dict[str, Any]) -> None:
