@@ -200,6 +200,7 @@ def fetch_checkpoint(uri: str, dest: Path) -> Path:
     fs, root = resolve(uri)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise UserError(f"checkpoint {uri} does not exist")
+    dest.mkdir(parents=True, exist_ok=True)  # copy_files makes no local directory (found on S3)
     pafs.copy_files(root, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
 

@@ -173,7 +173,71 @@ def _first(e: BaseException) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
+# ---- checkpoints on object storage -------------------------------------------------------------
+# Tune deletes a trial's older checkpoints (num_to_keep) as soon as a newer one is registered, but
+# uploads its own state (which names each trial's latest checkpoint) to object storage later and
+# asynchronously. A driver killed in between leaves a state that names a deleted checkpoint, and
+# the resumed trial fails ("does not exist on storage anymore"): found with a search killed on an
+# S3 API (tests/test_object_storage.py). On a local disk the state is written in place at once.
+# So on object storage no checkpoint is deleted while the search runs; when fit() returns (Tune's
+# state synced), every ended trial keeps only its latest one.
+
+
+def keep_checkpoints(storage: str) -> int | None:
+    """Tune's num_to_keep: 1 on a local disk; None (all, until `prune_checkpoints`) on object storage."""
+    return 1 if "://" not in storage or storage.startswith("file://") else None
+
+
+def prune_checkpoints(results: Any, rows: list[Any]) -> int:
+    """Delete every checkpoint of an ended trial but its latest; returns how many went. A failure
+    is a warning: the search's result stands, the storage only keeps more than it needs."""
+    import pyarrow.fs as pafs
+
+    ended = {r.trial_id for r in rows if r.status in store.ENDED}
+    deleted = 0
+    for result in results:
+        ckpt = result.checkpoint
+        tid = (
+            posixpath.basename(posixpath.dirname(ckpt.path.rstrip("/"))).removeprefix("trial_")
+            if ckpt
+            else ""
+        )
+        if ckpt is None or tid not in ended:
+            continue
+        fs, latest = ckpt.filesystem, ckpt.path.rstrip("/")
+        try:
+            for info in fs.get_file_info(pafs.FileSelector(posixpath.dirname(latest))):
+                name = posixpath.basename(info.path.rstrip("/"))
+                if info.type == pafs.FileType.Directory and name.startswith("checkpoint_"):
+                    if info.path.rstrip("/") != latest:
+                        fs.delete_dir(info.path)
+                        deleted += 1
+        except OSError as e:
+            print(f"warning: could not delete old checkpoints of trial {tid}: {e}", flush=True)
+    return deleted
+
+
 # ---- Ray ---------------------------------------------------------------------------------------
+
+
+# The standard AWS variables that say where object storage is and who we are there. Trials read and
+# write their checkpoints in --storage from their own processes, which on a running cluster do not
+# inherit the driver's environment; these go to them with the job (Ray keeps a job's runtime_env
+# in its GCS, behind the cluster's token). On AWS with instance profiles none of them is set.
+STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def storage_env() -> dict[str, str]:
+    """The STORAGE_ENV variables this process has, for the trials' runtime_env."""
+    return {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
 
 
 def start_ray(opts: SearchOptions) -> bool:
@@ -183,10 +247,13 @@ def start_ray(opts: SearchOptions) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": storage_env()} if storage_env() else None
     if opts.address:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         try:
-            ray.init(address=opts.address, log_to_driver=False, configure_logging=False)
+            ray.init(
+                address=opts.address, runtime_env=runtime_env, log_to_driver=False, configure_logging=False
+            )
         except Exception as e:
             raise UserError(f"--address {opts.address}: cannot connect to Ray: {_first(e)}") from None
         return True
@@ -200,6 +267,7 @@ def start_ray(opts: SearchOptions) -> bool:
     ray.init(
         num_cpus=max(os.cpu_count() or 1, need),
         include_dashboard=False,
+        runtime_env=runtime_env,
         log_to_driver=False,
         configure_logging=False,
         # Ray runs workers at nice 15 by default; the trials are this job's main work, and on a CPU
@@ -414,7 +482,7 @@ def _search(
                     callbacks=[callback],
                     stop=stop,
                     failure_config=tune.FailureConfig(max_failures=opts.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints(opts.storage)),
                     progress_reporter=report.progress_reporter(sampled) if opts.verbose else None,
                     verbose=1 if opts.verbose else 0,
                 ),
@@ -427,6 +495,8 @@ def _search(
         run_ids = {r.data.tags.get(store.TAG_TRIAL): r.info.run_id for r in runs}
         statuses = {r.data.tags.get(store.TAG_TRIAL): r.data.tags.get(store.TAG_STATUS) for r in runs}
         rows = report.collect(results, run_ids, statuses)
+        if keep_checkpoints(opts.storage) is None:
+            prune_checkpoints(results, rows)
         counts = report.counts(rows)
         ended = sum(counts.get(k, 0) for k in store.ENDED)
         interrupted = ended < opts.trials
