@@ -48,21 +48,26 @@ def _status(url: str, user: str | None = None, password: str | None = None) -> i
 
 
 @pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(URL, admin password) of a basic-auth tracking server on 127.0.0.1, configured like the
-    head's (default_permission NO_PERMISSIONS, users in SQLite, admin password from the env)."""
+def auth_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """(URL, admin password, artifact bucket) of a basic-auth tracking server on 127.0.0.1,
+    configured like the head's: default_permission NO_PERMISSIONS, users in SQLite, the admin
+    password from the env, artifacts in an S3 bucket (moto on loopback; the standard AWS variables)."""
     root = tmp_path_factory.mktemp("auth_server")
+    bucket = "esc50-mlartifacts"
+    s3_server.client().create_bucket(Bucket=bucket)
     password = secrets.token_urlsafe(24)
     ini = root / "basic_auth.ini"
     ini.write_text(
         "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
         f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 60\n"
     )
     port = _free_port()
     bin_dir = Path(sys.executable).parent
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")},
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_"))},
+        **s3_server.env,
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24),
@@ -72,7 +77,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     proc = subprocess.Popen(
         [str(bin_dir / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1"]
         + ["--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}"]
-        + ["--artifacts-destination", str(root / "artifacts")],
+        + ["--artifacts-destination", f"s3://{bucket}/mlartifacts"],
         cwd=root,
         env=env,
         stdout=open(log, "w"),
@@ -86,7 +91,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server (basic-auth) did not start:\n{log.read_text()[-4000:]}")
             time.sleep(1.0)
-        yield url, password
+        yield url, password, bucket
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -106,9 +111,9 @@ def _ping(url: str) -> int | None:
 
 @pytest.mark.ray
 def test_search_and_promote_authenticate_and_anonymous_requests_are_refused(
-    ray_session, auth_server, tiny_shards: str, new_clips, tmp_path: Path, monkeypatch, capsys
+    ray_session, auth_server, s3_server, tiny_shards: str, new_clips, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    url, password = auth_server
+    url, password, bucket = auth_server
     api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
     assert _status(api) == 401  # no credentials
     assert _status(api, "admin", "wrong") == 401
@@ -136,6 +141,10 @@ def test_search_and_promote_authenticate_and_anonymous_requests_are_refused(
     assert search.counts["completed"] == 1
     result = promote(search="auth-smoke", tracking=url)  # model artifacts go through the server
     assert result.version == "1"
+    # ... into the bucket, as on the cluster (the client itself has no AWS variables)
+    assert not any(k.startswith("AWS_") for k in os.environ)
+    keys = s3_server.keys(bucket, "mlartifacts/")
+    assert any(k.endswith("/pyfunc_entry.py") for k in keys) and any(k.endswith("/fold_1.pt") for k in keys)
     clip, category = new_clips[0]
     assert main(["predict", str(clip), "--tracking-uri", url, "--json"]) == 0
     assert '"label"' in capsys.readouterr().out
