@@ -225,3 +225,25 @@ def test_requests_over_the_limits_are_400(servers) -> None:
     # at the limits: fine
     status, body = _post(url, {"dataframe_records": [{"waveform": tone * 12, "sample_rate": 8000}] * 3})
     assert status == 200 and len(body["predictions"]) == 3, body
+
+
+def test_serving_settings_are_checked_when_the_model_loads(tmp_path: Path) -> None:
+    """A bad setting fails the server's start (the model's load), naming the variable."""
+    from trainable.serving import ServePolicy
+
+    policy = ServePolicy.from_env({})
+    assert policy.audio_dir is None and (policy.max_records, policy.max_seconds) == (64, 60.0)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert (
+        ServePolicy.from_env({"ESC50_SERVE_AUDIO_DIR": str(tmp_path / "link")}).audio_dir == tmp_path / "real"
+    )
+    bad = {
+        "ESC50_SERVE_AUDIO_DIR": (str(tmp_path / "missing"), "not a directory"),
+        "ESC50_SERVE_MAX_RECORDS": ("many", "not a number"),
+        "ESC50_SERVE_MAX_SECONDS": ("0", "must be positive"),
+        "ESC50_SERVE_MAX_SAMPLES": ("-5", "must be positive"),
+    }
+    for name, (value, message) in bad.items():
+        with pytest.raises(ValueError, match=f"{name}={value!r}: {message}"):
+            ServePolicy.from_env({name: value})
