@@ -283,17 +283,18 @@ class Promotion:
         std = f" ± {t.cv_acc_std:.3f}" if t.cv_acc_std is not None else ""
         m = self.metrics
         worst = ", ".join(f"{w['class']} {w['accuracy']:.2f}" for w in self.worst)
+        b = self.bbc
+        bbc = (
+            f"; BBC-CV {b.mean:.3f} (95% {b.lo:.3f}-{b.hi:.3f}, selection over {b.n_trials} trial(s))"
+            if b is not None
+            else "; BBC-CV not available (no out-of-fold predictions)"
+        )
         return (
             f"{self.name} v{self.version} is {CHAMPION} (search {t.search or '?'}, trial {t.trial_id}: "
-            f"cv_acc {t.cv_acc_mean:.3f}{std}; out-of-fold acc {m['oof_acc']:.3f} on {int(m['oof_clips'])} clips"
+            f"cv_acc {t.cv_acc_mean:.3f}{std}{bbc}; out-of-fold acc {m['oof_acc']:.3f} on "
+            f"{int(m['oof_clips'])} clips"
             + (f", weakest: {worst}" if worst else "")
             + f"); {PREVIOUS}: {'v' + self.previous if self.previous else 'none'}"
-            + "\n  selection-bias corrected accuracy of the search: "
-            + (
-                self.bbc.text()
-                if self.bbc is not None
-                else "BBC-CV not available (no out-of-fold predictions)"
-            )
         )
 
 

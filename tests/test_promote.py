@@ -230,7 +230,7 @@ def test_promote_a_real_smoke_search(ray_session, tiny_shards: str, mlflow_uri: 
         assert float(mv.tags[key]) == pytest.approx(result.bbc.metrics()[key], abs=1e-6)
         assert c.get_run(result.run_id).data.metrics[key] == pytest.approx(result.bbc.metrics()[key])
     assert float(mv.tags["bbc_cv_acc_lo"]) <= search.best_cv_acc_mean <= float(mv.tags["bbc_cv_acc_hi"])
-    assert "BBC-CV" in result.summary()
+    assert "BBC-CV 0." in result.summary() and "\n" not in result.summary()
     # what retraining it needs: config, features, folds, data, code, search and trial
     fingerprint = json.loads((Path(tiny_shards) / "_manifest.json").read_text())["fingerprint"]
     assert mv.tags["esc50.fingerprint"] == fingerprint and mv.tags["esc50.folds"] == "1,2"
