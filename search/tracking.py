@@ -14,7 +14,10 @@ Optuna plots. Each child run (tags `esc50.role=trial`, `esc50.search`, `esc50.tr
 (`cv_acc_mean`, `cv_acc_std`, per-fold `fold<k>_acc`/`fold<k>_loss`, ... at step = epoch), the tag
 `esc50.checkpoint` (its latest Tune checkpoint: meta.json + fold_<k>.pt) and the tag
 `esc50.status`: completed (MLflow FINISHED), pruned (stopped early by ASHA; MLflow KILLED),
-failed (MLflow FAILED), or interrupted (the driver stopped; MLflow KILLED until resumed).
+failed (MLflow FAILED), or interrupted (the driver stopped; MLflow KILLED until resumed). A trial
+that trains all its epochs also gets the artifact `oof/oof.npz` (its final epoch's out-of-fold
+predictions, for BBC-CV: search/bbc.py). Both kinds of run carry the code version and the shards'
+fingerprint and features (search/provenance.py: tags, and an MLflow dataset input).
 
 Nothing is logged twice: the callback finds a search's existing runs by tag (on resume), and skips
 an epoch already logged for a trial (a trial resumed from an older checkpoint reports it again).

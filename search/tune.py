@@ -22,7 +22,12 @@ before the first trial, as a UserError naming the option:
      kept per trial; or `Tuner.restore(..., resume_errored=True)` (the searcher's history is
      restored from Tune's experiment state);
   5. fit, with Tune's progress table; then the ranked summary, results.csv and the Optuna plots on
-     the parent run, and the best trial.
+     the parent run, the best trial, and beside its cv_acc_mean the BBC-CV estimate of the
+     selection from the completed trials' out-of-fold predictions (search/bbc.py; metrics
+     `bbc_cv_acc`, `bbc_cv_acc_lo`, `bbc_cv_acc_hi` on the parent run).
+
+A resume checks the shards' fingerprint against the one the search started with (DATA_FILE beside
+Tune's results) and refuses another unless forced.
 
 A search stopped early (Ctrl-C, SIGUSR1) ends with `interrupted=True` and the parent run KILLED;
 `esc50 search --resume NAME` goes on from Tune's saved state to exactly `trials` trials.
