@@ -254,7 +254,7 @@ def _version_tags(uri: str, tracking: str | None) -> dict[str, str] | None:
         mv = c.get_model_version(name, version)
     keep = ("esc50.search", "esc50.trial", "cv_acc_mean", "bbc_cv_acc", "bbc_cv_acc_lo", "bbc_cv_acc_hi",
             "mlflow.source.git.commit", "esc50.fingerprint")  # fmt: skip
-    return {"version": mv.version, **{k: mv.tags.get(k, "") for k in keep}}
+    return {"version": str(mv.version), **{k: mv.tags.get(k, "") for k in keep}}
 
 
 if __name__ == "__main__":
