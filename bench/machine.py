@@ -10,9 +10,32 @@ from typing import Any
 import torch
 
 
+def provenance() -> dict[str, Any]:
+    """What makes a result re-derivable: the command line, the code's git commit (and whether the
+    checkout was dirty), the versions of this package and of torch, Ray, Optuna and MLflow, the time."""
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from search.provenance import git_state, versions
+
+    commit, dirty = git_state(str(root))
+    return {
+        "command": [Path(sys.executable).name, *sys.argv],
+        "commit": commit,
+        "dirty": dirty,
+        "versions": versions(),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def machine(**extra: Any) -> dict[str, Any]:
-    """CPU model and count, load, torch threading; `extra` adds a script's own versions (ray, pyarrow...)."""
+    """CPU model and count, load, torch threading, and `provenance()` (command, commit, versions);
+    `extra` adds a script's own versions (ray, pyarrow...)."""
     info: dict[str, Any] = {
+        **provenance(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

@@ -9,14 +9,17 @@ with a waveform and its rate: resampling, log-mel, every fold model, mean), on r
     no MLflow), so the ratio is what the pyfunc wrapper (schema checks, DataFrames) costs;
   - decoding a clip (soundfile), which `esc50 predict` adds per file.
 
-    python bench/predict_bench.py                                   # 5 random-weight `compact` fold models
-    python bench/predict_bench.py --preset full --clips 100
     python bench/predict_bench.py --model models:/esc50-cnn@champion --tracking-uri sqlite:///mlflow.db
+    python bench/predict_bench.py --preset full --clips 100         # random weights: a cost estimate only
 
-Without --model, a 5-fold ensemble of the preset's architecture (random weights: the cost does not
-depend on them) is logged as the same pyfunc `esc50 promote` builds, into a temporary MLflow store,
-with the product's feature parameters (22.05 kHz, 64 mels). Clips come from --audio (default: the
-ESC-50 copy the Makefile uses, ../shared/esc50/audio).
+The README's figure times a trained, promoted model (--model): the result JSON records the
+registered version's tags (search, trial, cv_acc_mean, bbc_cv_acc, commit) and the model's
+accuracy on the timed clips (labels from the ESC-50 metadata beside --audio), which says whether it
+is trained (random weights score ~2%, chance for 50 classes). Without --model, a 5-fold ensemble of
+the preset's architecture with random weights is logged as the same pyfunc `esc50 promote` builds,
+into a temporary MLflow store (product features: 22.05 kHz, 64 mels), and the JSON says
+`"trained": false`. Clips come from --audio (default: ../shared/esc50/audio). Writes
+bench/results/predict_<time>.json (or --json) with the raw per-clip timings.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a model URI (default: a random-weight ensemble of --preset)")
     ap.add_argument("--tracking-uri", help="for a models:/ URI")
@@ -102,8 +105,8 @@ def main() -> int:
         "--batch", type=int, default=64, help="clips per call for throughput (default %(default)s)"
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", help="also write the figures here")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="the result file (default bench/results/predict_<time>.json)")
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -134,7 +137,11 @@ def main() -> int:
         for c in clips[:3]:  # warm-up: kernels, resampler, allocator
             model.predict(frame([c]))
             ensemble.predict_clips([c])
-        pyfunc_s = [timed(model.predict, frame([c])) for c in clips]
+        pyfunc_s, answers = [], []
+        for c in clips:
+            t0 = time.perf_counter()
+            answers.append(model.predict(frame([c])))
+            pyfunc_s.append(time.perf_counter() - t0)
         raw_s = [timed(ensemble.predict_clips, [c]) for c in clips]
         batch = (clips * (args.batch // len(clips) + 1))[: args.batch]
         batch_frame = frame(batch)
@@ -146,9 +153,17 @@ def main() -> int:
         return {"median_ms": 1000 * statistics.median(xs), "p90_ms": 1000 * xs[int(0.9 * (len(xs) - 1))]}
 
     seconds = [len(w) / r for w, r in clips]
+    predicted = [_label(a) for a in answers]
+    truth = _categories(Path(args.audio))
+    known = [(p, truth[f.name]) for p, f in zip(predicted, files, strict=True) if f.name in truth]
     out = {
         "machine": {**machine(), "load_average_1m": os.getloadavg()[0]},
+        "command": ["python", "bench/predict_bench.py", *(sys.argv[1:] if argv is None else argv)],
         "model": args.model or f"random-weight 5-fold ensemble, preset {args.preset}",
+        "trained": bool(args.model),
+        "version_tags": _version_tags(args.model, args.tracking_uri) if args.model else None,
+        "accuracy_on_timed_clips": sum(p == t for p, t in known) / len(known) if known else None,
+        "raw": {"decode_s": decode_s, "pyfunc_s": pyfunc_s, "raw_s": raw_s, "batch_s": batch_s},
         "features": ensemble.params.to_dict(),
         "folds": len(ensemble.folds),
         "parameters_per_fold": sum(p.numel() for p in ensemble.nets[0].parameters()),
@@ -191,9 +206,55 @@ def main() -> int:
         f"directly {out['throughput_raw_clips_per_s']:.1f} clips/s "
         f"({out['batch_speedup_vs_one_by_one']:.2f}x one clip per call)"
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    if out["accuracy_on_timed_clips"] is not None:
+        print(
+            f"accuracy on the timed clips: {out['accuracy_on_timed_clips']:.3f} (trained: {out['trained']})"
+        )
+    from datetime import UTC, datetime
+
+    dest = Path(args.json or ROOT / "bench" / "results" / f"predict_{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=1))
+    print(f"result: {dest}")
     return 0
+
+
+def _label(answer) -> str | None:
+    """The top label of one pyfunc answer (a DataFrame or a list of dicts)."""
+    rows = answer.to_dict("records") if hasattr(answer, "to_dict") else list(answer)
+    return rows[0].get("label") if rows else None
+
+
+def _categories(audio: Path) -> dict[str, str]:
+    """file name -> category from the ESC-50 metadata beside the audio folder ({} without it)."""
+    meta = audio.parent / "meta" / "esc50.csv"
+    if not meta.exists():
+        return {}
+    table = pd.read_csv(meta)
+    return {
+        Path(f).stem + ext: c
+        for f, c in zip(table.filename, table.category, strict=True)
+        for ext in (".wav", ".ogg", ".flac")
+    }
+
+
+def _version_tags(uri: str, tracking: str | None) -> dict[str, str] | None:
+    """The registered version's tags of a models:/NAME@ALIAS or models:/NAME/VERSION URI."""
+    from search.store import client
+
+    if not uri.startswith("models:/"):
+        return None
+    c = client(tracking, must_exist=True)
+    ref = uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        mv = c.get_model_version_by_alias(name, alias)
+    else:
+        name, version = ref.rsplit("/", 1)
+        mv = c.get_model_version(name, version)
+    keep = ("esc50.search", "esc50.trial", "cv_acc_mean", "bbc_cv_acc", "bbc_cv_acc_lo", "bbc_cv_acc_hi",
+            "mlflow.source.git.commit", "esc50.fingerprint")  # fmt: skip
+    return {"version": str(mv.version), **{k: mv.tags.get(k, "") for k in keep}}
 
 
 if __name__ == "__main__":

@@ -106,7 +106,10 @@ def machine() -> dict:
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
     )
+    from machine import provenance  # bench/machine.py: command, commit, versions
+
     return {
+        **provenance(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "load_avg_at_start": os.getloadavg(),

@@ -10,7 +10,10 @@ rung, Optuna by rank) whether to stop. Trials stopped early are told PRUNED, as
 the product's searcher tells them. The sampler is the product's (`search/sampler.py`).
 
 Every reported epoch goes to a per-worker JSON-lines file as (time, trial, epoch, value); the
-driver merges them in time order, which is what `epochs_to_reach` counts.
+driver merges them in time order, which is what `delivered` counts. Each trial's sampled values and
+the config it trained go to `<name>.<worker>.configs.jsonl` (`configs`), so the benchmark can check
+that every trial trained what its sampler drew (an earlier version read `trial.params` before the
+space had sampled anything, and every trial trained the defaults).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class Job:
     seed: int
     trials: int  # at most this many trials
     epoch_budget: int  # no new trial once this many trial-epochs were spent
-    target: float | None  # stop the search once a trial reports >= target
+    target: float | None  # stop the search once a trial COMPLETES with a final score >= target
     epochs: int
     grace: int
     reduction_factor: int
@@ -82,13 +85,19 @@ def _worker(job: Job, worker: int) -> None:
     data = load_shards(job.shards, folds=list(job.folds))
     stop_file = Path(job.workdir) / f"{job.name}.stop"
     log = open(Path(job.workdir) / f"{job.name}.{worker}.jsonl", "a")  # noqa: SIM115
+    trained = open(Path(job.workdir) / f"{job.name}.{worker}.configs.jsonl", "a")  # noqa: SIM115
 
     while not stop_file.exists() and _spent(study) < job.epoch_budget:
         trial = study.ask()
         if trial.number >= job.trials:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)  # over the limit: ignored by samplers
             break
-        config = TrainConfig.from_dict({**trial.params, **space(trial)})
+        # The space samples first (define-by-run: trial.params is empty until it has run).
+        fixed = space(trial)
+        config = TrainConfig.from_dict({**trial.params, **fixed})
+        record = {"trial": trial.number, "sampled": dict(trial.params), "trained": config.to_dict()}
+        trained.write(json.dumps(record) + "\n")
+        trained.flush()
         trainers = []
         for v in job.val_folds:
             val = data.fold == v
@@ -99,13 +108,24 @@ def _worker(job: Job, worker: int) -> None:
             trial.report(value, epoch)
             log.write(json.dumps([time.time(), trial.number, epoch, value]) + "\n")
             log.flush()
-            if job.target is not None and value >= job.target - 1e-12:
+            if job.target is not None and epoch == job.epochs and value >= job.target - 1e-12:
                 stop_file.touch()
             if stop_file.exists() or (epoch < job.epochs and trial.should_prune()):
                 state = optuna.trial.TrialState.PRUNED if epoch < job.epochs else state
                 break
         study.tell(trial, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
     log.close()
+    trained.close()
+
+
+def configs(job: Job) -> dict[str, dict]:
+    """trial -> {"sampled": the values its sampler drew, "trained": the TrainConfig it trained}."""
+    out = {}
+    for f in Path(job.workdir).glob(f"{job.name}.*.configs.jsonl"):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            out[str(r["trial"])] = {"sampled": r["sampled"], "trained": r["trained"]}
+    return out
 
 
 def run(job: Job, workers: int) -> list[tuple[float, int, int, float]]:
@@ -126,6 +146,8 @@ def run(job: Job, workers: int) -> list[tuple[float, int, int, float]]:
         raise RuntimeError(f"{job.name}: {len(failed)} worker(s) failed (exit codes {failed})")
     events = []
     for f in Path(job.workdir).glob(f"{job.name}.*.jsonl"):
+        if f.name.endswith(".configs.jsonl"):
+            continue
         events += [tuple(json.loads(line)) for line in f.read_text().splitlines()]
     return sorted(events)
 

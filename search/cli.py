@@ -220,6 +220,12 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         help="tiny model, 2 folds, 2 trials, 2 epochs: a check in well under a minute",
     )
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME (in --storage)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: go on even though the shards' fingerprint differs from the one the search "
+        "started with (other audio or features)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress table or summary")
     p.set_defaults(func=_run_search)
 
@@ -269,7 +275,11 @@ def search_options(args: argparse.Namespace):
 def _run_search(args: argparse.Namespace) -> int:
     from search.tune import run_search
 
-    result = run_search(search_options(args), resume=args.resume is not None)
+    if args.force and args.resume is None:
+        raise UserError(
+            "--force: only with --resume NAME (it lets a resume use shards of another fingerprint)"
+        )
+    result = run_search(search_options(args), resume=args.resume is not None, force=args.force)
     if result.interrupted:
         return 130
     if result.best_trial_id is None:

@@ -17,8 +17,10 @@ How a promotion runs (`promote`, at the end of this file, top to bottom):
      `SHIPPED`, are its code_paths; a slim copy of the checkpoint, plain state dicts read with
      weights_only, its artifact: no pickled Python object), the report's metrics and artifacts
      (per-class accuracy, confusion matrix picture);
-  5. a new version of the registered model (search/registry.py), tagged with search, trial, config,
-     cv_acc_mean/std and the shards' fingerprint; alias `champion` moves to it, the version that
+  5. a new version of the registered model (search/registry.py), tagged with what retraining it
+     needs (search, trial, config, features, folds, the shards and their fingerprint, the git
+     commit and library versions), its cv_acc_mean/std and the search's BBC-CV estimate
+     (`bbc_cv_acc`, `_lo`, `_hi`: search/bbc.py); alias `champion` moves to it, the version that
      held it gets `previous`.
 
 Every step that can fail on user input raises `UserError` before anything is registered.
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from search import provenance
 from search.errors import UserError
 from search.oof import load_oof_data, out_of_fold, shards_uri, write_report
 from search.registry import CHAMPION, DEFAULT_NAME, PREVIOUS, register_champion
@@ -281,18 +284,44 @@ class Promotion:
     run_id: str
     metrics: dict[str, float]
     worst: list[dict[str, Any]]
+    bbc: Any = None  # search.bbc.BBCEstimate of the trial's search (None: no out-of-fold predictions)
 
     def summary(self) -> str:
         t = self.trial
         std = f" ± {t.cv_acc_std:.3f}" if t.cv_acc_std is not None else ""
         m = self.metrics
         worst = ", ".join(f"{w['class']} {w['accuracy']:.2f}" for w in self.worst)
+        b = self.bbc
+        bbc = (
+            f"; BBC-CV {b.mean:.3f} (95% {b.lo:.3f}-{b.hi:.3f}, selection over {b.n_trials} trial(s))"
+            if b is not None
+            else "; BBC-CV not available (no out-of-fold predictions)"
+        )
         return (
             f"{self.name} v{self.version} is {CHAMPION} (search {t.search or '?'}, trial {t.trial_id}: "
-            f"cv_acc {t.cv_acc_mean:.3f}{std}; out-of-fold acc {m['oof_acc']:.3f} on {int(m['oof_clips'])} clips"
+            f"cv_acc {t.cv_acc_mean:.3f}{std}{bbc}; out-of-fold acc {m['oof_acc']:.3f} on "
+            f"{int(m['oof_clips'])} clips"
             + (f", weakest: {worst}" if worst else "")
             + f"); {PREVIOUS}: {'v' + self.previous if self.previous else 'none'}"
         )
+
+
+def search_bbc_of(c: Any, trial: Trial) -> Any:
+    """BBC-CV (search/bbc.py) of the completed trials of `trial`'s search: what selecting the best
+    of them is worth on clips the selection did not see. None when no trial kept its out-of-fold
+    predictions (a search from before they were kept)."""
+    from search.oof import search_bbc, trial_oof
+    from search.store import COMPLETED
+
+    if not trial.search:
+        return None
+    runs = _search_runs(
+        c, f"tags.`{TAG_ROLE}` = 'trial' AND tags.`{TAG_SEARCH}` = {filter_literal(trial.search)}"
+    )
+    runs = [r for r in runs if r.data.tags.get(TAG_STATUS) == COMPLETED and r.info.status == "FINISHED"]
+    runs.sort(key=lambda r: r.data.tags.get(TAG_TRIAL, r.info.run_id))  # a stable trial order
+    oofs = [trial_oof(c, r.info.run_id, r.data.tags.get(TAG_CHECKPOINT)) for r in runs]
+    return search_bbc([o for o in oofs if o is not None])
 
 
 def promote(
@@ -314,18 +343,24 @@ def promote(
         uri = shards_uri(c, trial, meta, shards)
         data = load_oof_data(uri, meta)
         oof = out_of_fold(ensemble, data)
+        bbc = search_bbc_of(c, trial)
+        fingerprint = str(meta.get("fingerprint") or data.info.get("fingerprint") or "")
         tags = {
             TAG_ROLE: "promotion",
             TAG_SEARCH: trial.search,
             "esc50.trial": trial.trial_id,
             "esc50.trial_run": trial.run_id,
             "esc50.shards": uri,
-            "esc50.fingerprint": str(meta.get("fingerprint") or data.info.get("fingerprint") or ""),
+            **provenance.code_tags(),
+            **provenance.data_tags(fingerprint, meta["features"]),
         }
         with mlflow.start_run(
             experiment_id=trial.run.info.experiment_id, run_name=f"promote {trial.trial_id}", tags=tags
         ) as run:
+            provenance.log_dataset(c, run.info.run_id, uri, fingerprint, meta["features"], len(data))
             metrics = write_report(oof, work / "report")
+            if bbc is not None:
+                metrics.update(bbc.metrics())
             metrics.update(
                 {
                     "cv_acc_mean": trial.cv_acc_mean,
@@ -342,16 +377,22 @@ def promote(
             )
             mlflow.log_artifacts(str(work / "report"), "out_of_fold")
             info = log_model(meta, states, work)
+        # Everything needed to retrain it: config, features, data fingerprint and shards, folds,
+        # code commit and versions, search and trial; and what it is worth.
         version_tags = {
             **{k: v for k, v in tags.items() if k != TAG_ROLE},
             "esc50.config": json.dumps(meta["config"], sort_keys=True),
+            "esc50.folds": ",".join(map(str, meta["folds"])),
+            "esc50.epoch": str(meta.get("epoch", "")),
             "cv_acc_mean": f"{trial.cv_acc_mean:.6f}",
             "cv_acc_std": "" if trial.cv_acc_std is None else f"{trial.cv_acc_std:.6f}",
             "oof_acc": f"{metrics['oof_acc']:.6f}",
             "esc50.promotion_run": run.info.run_id,
+            **({k: f"{v:.6f}" for k, v in bbc.metrics().items()} if bbc is not None else {}),
+            **({"bbc_trials": str(bbc.n_trials)} if bbc is not None else {}),
         }
         description = f"search {trial.search}, trial {trial.trial_id}, cv_acc_mean {trial.cv_acc_mean:.4f}"
         version, previous = register_champion(c, name, info.model_uri, version_tags, description)
     seen = [r for r in oof.per_class() if r["clips"]]
     worst = sorted(seen, key=lambda r: r["accuracy"])[:3]
-    return Promotion(name, version, previous, trial, run.info.run_id, metrics, worst)
+    return Promotion(name, version, previous, trial, run.info.run_id, metrics, worst, bbc)

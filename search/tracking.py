@@ -14,7 +14,10 @@ Optuna plots. Each child run (tags `esc50.role=trial`, `esc50.search`, `esc50.tr
 (`cv_acc_mean`, `cv_acc_std`, per-fold `fold<k>_acc`/`fold<k>_loss`, ... at step = epoch), the tag
 `esc50.checkpoint` (its latest Tune checkpoint: meta.json + fold_<k>.pt) and the tag
 `esc50.status`: completed (MLflow FINISHED), pruned (stopped early by ASHA; MLflow KILLED),
-failed (MLflow FAILED), or interrupted (the driver stopped; MLflow KILLED until resumed).
+failed (MLflow FAILED), or interrupted (the driver stopped; MLflow KILLED until resumed). A trial
+that trains all its epochs also gets the artifact `oof/oof.npz` (its final epoch's out-of-fold
+predictions, for BBC-CV: search/bbc.py). Both kinds of run carry the code version and the shards'
+fingerprint and features (search/provenance.py: tags, and an MLflow dataset input).
 
 Nothing is logged twice: the callback finds a search's existing runs by tag (on resume), and skips
 an epoch already logged for a trial (a trial resumed from an older checkpoint reports it again).
@@ -41,6 +44,7 @@ from typing import Any
 
 from ray import tune
 
+from search import provenance
 from search.errors import UserError
 from search.store import (
     COMPLETED,
@@ -77,12 +81,21 @@ class SearchRun:
 
 
 def open_search_run(
-    uri: str, opts: Any, space: Any, budget: Mapping[str, Any], resume: bool = True
+    uri: str,
+    opts: Any,
+    space: Any,
+    budget: Mapping[str, Any],
+    resume: bool = True,
+    data: Mapping[str, Any] | None = None,
 ) -> SearchRun:
     """The search's parent run: found by tag (resume) or created with the options and the space.
 
+    `data`: the shards' {shards, fingerprint, features, n_clips} (search/provenance.py), recorded
+    with the code version as tags and as the run's MLflow dataset input.
+
     A new search (`resume=False`) whose name MLflow already has is a UserError, unless that earlier
     run never got to a trial (it failed while starting): then it is replaced."""
+    data = dict(data or {})
     c = client(uri)
     exp_id = experiment_id(c, opts.experiment, uri)
     found = search_runs(c, exp_id, opts.name, "search")
@@ -100,15 +113,20 @@ def open_search_run(
         if run.info.status != "RUNNING":
             c.update_run(run.info.run_id, status="RUNNING")
         c.set_tag(run.info.run_id, "esc50.resumed", str(int(run.data.tags.get("esc50.resumed", "0")) + 1))
+        # the code that goes on with it (the search's own commit tag stays the one it started with)
+        c.set_tag(run.info.run_id, "esc50.resumed_commit", provenance.code_tags()[provenance.TAG_COMMIT])
         return SearchRun(run.info.run_id, exp_id, True)
     tags = {
         TAG_ROLE: "search",
         TAG_SEARCH: opts.name,
         TAG_SPACE: space.label,
         "mlflow.note.content": _note(opts),
+        **provenance.code_tags(),
+        **provenance.data_tags(data.get("fingerprint"), data.get("features")),
     }
     run = c.create_run(exp_id, run_name=opts.name, tags=tags)
     rid = run.info.run_id
+    _log_dataset(c, rid, data)
     from mlflow.entities import Param
 
     params = {**opts.mlflow_params(), **{f"budget_{k}": str(v) for k, v in budget.items()}}
@@ -131,6 +149,18 @@ def open_search_run(
         c.log_artifact(rid, os.path.join(d, src), "space")
         c.log_artifact(rid, os.path.join(d, "space.txt"), "space")
     return SearchRun(rid, exp_id, False)
+
+
+def _log_dataset(c: Any, run_id: str, data: Mapping[str, Any]) -> None:
+    """The shards as the run's dataset input (where the store supports it: a courtesy, never fatal)."""
+    if not data.get("shards"):
+        return
+    try:
+        provenance.log_dataset(
+            c, run_id, data["shards"], data.get("fingerprint"), data.get("features"), data.get("n_clips")
+        )
+    except Exception as e:
+        log.warning("could not log the dataset input of run %s: %s", run_id, e)
 
 
 def _note(opts: Any) -> str:
@@ -192,6 +222,28 @@ def checkpoint_uri(checkpoint: Any) -> str:
     return f"{scheme}://{path.lstrip('/')}"
 
 
+def log_oof_artifact(c: Any, run_id: str, checkpoint: Any) -> bool:
+    """The final epoch's out-of-fold predictions (the checkpoint's oof.npz, trainable/checkpoint.py)
+    as the trial run's artifact oof/oof.npz; False when this checkpoint has none (not the last epoch)."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from search.oof import OOF_ARTIFACT_DIR
+    from trainable.checkpoint import OOF_FILE
+
+    fs = getattr(checkpoint, "filesystem", None) or pafs.LocalFileSystem()
+    path = f"{str(checkpoint.path).rstrip('/')}/{OOF_FILE}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    with tempfile.TemporaryDirectory(prefix="esc50_oof_") as d:
+        local = os.path.join(d, OOF_FILE)
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        c.log_artifact(run_id, local, OOF_ARTIFACT_DIR)
+    return True
+
+
 def trial_metrics(result: Mapping[str, Any], folds: Iterable[int]) -> dict[str, float]:
     """The metrics the trainable reports (trainable/cv.py metric_names), numeric and present."""
     from trainable.cv import metric_names
@@ -246,8 +298,13 @@ class MLflowTrialCallback(tune.Callback):
         parent_run_id: str,
         folds: Iterable[int],
         sampled: Iterable[str] = (),
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
+        # the shards (search/provenance.py: shards, fingerprint, features, n_clips) and the code
+        # version, recorded on every trial run
+        self.data = dict(data or {})
+        self.code = provenance.code_tags()
         self.sampled = tuple(sampled)  # names the space samples (the rest of a config is constant)
         self.experiment_id = experiment_id
         self.search = search
@@ -321,6 +378,7 @@ class MLflowTrialCallback(tune.Callback):
         except ValueError:  # the trial will fail and say why; still record what it was given
             params = dict(trial.config)
         self.client.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(params.items())])
+        _log_dataset(self.client, rid, getattr(self, "data", {}))
 
     def _create_run(self, trial: Any) -> str:
         tid = trial.trial_id
@@ -333,6 +391,10 @@ class MLflowTrialCallback(tune.Callback):
             TAG_STATUS: RUNNING,
             "esc50.folds": ",".join(map(str, self.folds)),
             "esc50.sampled": ",".join(k for k in self.sampled if k in trial.config),
+            **getattr(self, "code", {}),
+            **provenance.data_tags(
+                getattr(self, "data", {}).get("fingerprint"), getattr(self, "data", {}).get("features")
+            ),
         }
         return self.client.create_run(self.experiment_id, run_name=f"trial_{tid}", tags=tags).info.run_id
 
@@ -392,7 +454,9 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
-        self.client.set_tag(self.run_id(trial), TAG_CHECKPOINT, checkpoint_uri(checkpoint))
+        rid = self.run_id(trial)
+        self.client.set_tag(rid, TAG_CHECKPOINT, checkpoint_uri(checkpoint))
+        log_oof_artifact(self.client, rid, checkpoint)
 
     @_safe
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -22,7 +22,12 @@ before the first trial, as a UserError naming the option:
      kept per trial; or `Tuner.restore(..., resume_errored=True)` (the searcher's history is
      restored from Tune's experiment state);
   5. fit, with Tune's progress table; then the ranked summary, results.csv and the Optuna plots on
-     the parent run, and the best trial.
+     the parent run, the best trial, and beside its cv_acc_mean the BBC-CV estimate of the
+     selection from the completed trials' out-of-fold predictions (search/bbc.py; metrics
+     `bbc_cv_acc`, `bbc_cv_acc_lo`, `bbc_cv_acc_hi` on the parent run).
+
+A resume checks the shards' fingerprint against the one the search started with (DATA_FILE beside
+Tune's results) and refuses another unless forced.
 
 A search stopped early (Ctrl-C, SIGUSR1) ends with `interrupted=True` and the parent run KILLED;
 `esc50 search --resume NAME` goes on from Tune's saved state to exactly `trials` trials.
@@ -49,6 +54,7 @@ from search.options import OPTIONS_FILE, SearchOptions
 from search.sampler import make_sampler
 
 SPACE_FILE = "esc50_space.py"
+DATA_FILE = "esc50_data.json"  # the shards a search started with: fingerprint, features, clips
 METRIC, MODE = "cv_acc_mean", "max"
 
 
@@ -71,6 +77,7 @@ class SearchResult:
     seconds: float
     options: SearchOptions
     rows: list[Any] = field(default_factory=list)  # report.TrialRow, ranked
+    bbc: Any = None  # search.bbc.BBCEstimate of the completed trials (None: no out-of-fold predictions)
 
     @property
     def best_config(self) -> dict[str, Any] | None:
@@ -85,8 +92,13 @@ class SearchResult:
         else:
             best = (
                 f"best trial {self.best_trial_id}: cv_acc_mean {self.best_cv_acc_mean:.4f}"
-                f" (std {self.best_cv_acc_std or 0:.4f})\n  checkpoint: {self.best_checkpoint}"
-                f"\n  MLflow run: {self.best_run_id}"
+                f" (std {self.best_cv_acc_std or 0:.4f})\n  selection-bias corrected: "
+                + (
+                    self.bbc.text()
+                    if self.bbc is not None
+                    else "BBC-CV not available (no completed trial left out-of-fold predictions)"
+                )
+                + f"\n  checkpoint: {self.best_checkpoint}\n  MLflow run: {self.best_run_id}"
             )
         c = self.counts
         state = "interrupted" if self.interrupted else "finished"
@@ -344,9 +356,13 @@ def make_scheduler(opts: SearchOptions, epochs: int):
 # ---- the search --------------------------------------------------------------------------------
 
 
-def run_search(opts: SearchOptions, resume: bool = False, data: Any = None, stop: Any = None) -> SearchResult:
+def run_search(
+    opts: SearchOptions, resume: bool = False, data: Any = None, stop: Any = None, force: bool = False
+) -> SearchResult:
     """Run a search; with `resume`, continue the one named `opts.name` in `opts.storage`.
 
+    A resume refuses (UserError) when the shards' fingerprint differs from the one the search
+    started with (other audio or features: its trials would not be comparable); `force` goes on.
     On resume the saved options are used; only `address` and `verbose` are taken from `opts`.
     `data`: the training data already loaded or shared (trainable.shards.FoldData, or the
     trainable.cv.SharedData of `share_data`, so several searches put it in the object store once);
@@ -373,6 +389,7 @@ def run_search(opts: SearchOptions, resume: bool = False, data: Any = None, stop
             f"continue it with --resume {opts.name}, or choose another --name"
         )
     _check_shards(opts)
+    shards = _shards_record(opts, resume, force)
     store.check_tracking(opts.tracking_uri)
 
     # 2. Ray
@@ -384,7 +401,7 @@ def run_search(opts: SearchOptions, resume: bool = False, data: Any = None, stop
             opts.concurrency = default_concurrency(opts)
         else:
             default_concurrency(opts)  # checks that one trial fits at all
-        return _search(opts, space, samples, resume, t0, data, stop)
+        return _search(opts, space, samples, resume, t0, data, stop, shards)
     finally:
         if started:
             ray.shutdown()
@@ -409,6 +426,26 @@ def _check_shards(opts: SearchOptions) -> None:
         )
 
 
+def _shards_record(opts: SearchOptions, resume: bool, force: bool) -> dict[str, Any]:
+    """The shards' {shards, fingerprint, features, n_clips}; on resume, checked against the record
+    the search started with (DATA_FILE beside Tune's results)."""
+    import json
+
+    from search import provenance
+
+    fingerprint, features, n_clips = provenance.manifest_data(opts.shards)
+    now = {"shards": opts.shards, "fingerprint": fingerprint, "features": features, "n_clips": n_clips}
+    if resume and _exists(opts.storage, opts.name, DATA_FILE):
+        then = json.loads(_read(opts.storage, opts.name, DATA_FILE))
+        if then.get("fingerprint") != fingerprint and not force:
+            raise UserError(
+                f"--resume {opts.name}: the shards at {opts.shards} have fingerprint {fingerprint}, but the "
+                f"search started with {then.get('fingerprint')} (other audio or feature parameters), so "
+                "its trials would not be comparable; restore those shards, or pass --force to go on anyway"
+            )
+    return now
+
+
 def _search(
     opts: SearchOptions,
     space: Any,
@@ -417,6 +454,7 @@ def _search(
     t0: float,
     data: Any = None,
     stop: Any = None,
+    shards: dict[str, Any] | None = None,
 ) -> SearchResult:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
@@ -434,9 +472,12 @@ def _search(
     }
 
     # 3. the record: options and space beside Tune's results, the parent run in MLflow
-    parent = tracking.open_search_run(opts.tracking_uri, opts, space, budget, resume=resume)
+    parent = tracking.open_search_run(opts.tracking_uri, opts, space, budget, resume=resume, data=shards)
     if not resume:
+        import json
+
         _write(opts.storage, opts.name, OPTIONS_FILE, opts.to_json())
+        _write(opts.storage, opts.name, DATA_FILE, json.dumps(shards or {}, indent=1, sort_keys=True))
         if not space.builtin:
             _write(opts.storage, opts.name, SPACE_FILE, space.source())
     status = "FAILED"
@@ -463,7 +504,7 @@ def _search(
         else:
             searcher = make_searcher(space, opts)
             callback = tracking.MLflowTrialCallback(
-                opts.tracking_uri, parent.experiment_id, opts.name, parent.run_id, opts.folds, sampled
+                opts.tracking_uri, parent.experiment_id, opts.name, parent.run_id, opts.folds, sampled, shards
             )
             tuner = tune.Tuner(
                 trainable,
@@ -503,7 +544,8 @@ def _search(
         best = report.best(rows)
         fold_epochs = sum(r.epochs_done for r in rows) * len(opts.folds)
         status = "KILLED" if interrupted else "FINISHED"
-        _finish_parent(opts, parent, space, rows, best, counts, fold_epochs, interrupted, status)
+        bbc = _bbc(c, rows, opts.seed)
+        _finish_parent(opts, parent, space, rows, best, counts, fold_epochs, interrupted, status, bbc)
         result = SearchResult(
             name=opts.name,
             experiment_name=opts.experiment,
@@ -522,6 +564,7 @@ def _search(
             seconds=time.time() - t0,
             options=opts,
             rows=rows,
+            bbc=bbc,
         )
         if opts.verbose:
             print("\n" + report.summary_table(rows, sampled), flush=True)
@@ -540,7 +583,26 @@ def _search(
         raise
 
 
-def _finish_parent(opts, parent, space, rows, best, counts, fold_epochs, interrupted, status) -> None:
+def _bbc(c: Any, rows: list[Any], seed: int) -> Any:
+    """BBC-CV over the completed trials' out-of-fold predictions (search/bbc.py); None when none
+    has any. A courtesy beside the result: a failure here is a warning, never a lost search."""
+    from search.oof import search_bbc, trial_oof
+    from search.store import COMPLETED
+
+    try:
+        done = [r for r in rows if r.status == COMPLETED]
+        oofs = [o for o in (trial_oof(c, r.run_id, r.checkpoint) for r in done) if o is not None]
+        return search_bbc(oofs, seed=seed)
+    except Exception as e:
+        import logging
+
+        logging.getLogger(__name__).warning("BBC-CV: %s: %s", type(e).__name__, _first(e))
+        return None
+
+
+def _finish_parent(
+    opts, parent, space, rows, best, counts, fold_epochs, interrupted, status, bbc=None
+) -> None:
     from search import report, tracking
 
     metrics: dict[str, float] = {
@@ -562,6 +624,9 @@ def _finish_parent(opts, parent, space, rows, best, counts, fold_epochs, interru
                 "esc50.best_checkpoint": best.checkpoint or "",
             }
         )
+    if bbc is not None:
+        metrics.update(bbc.metrics())  # bbc_cv_acc, bbc_cv_acc_lo, bbc_cv_acc_hi
+        metrics["bbc_trials"] = bbc.n_trials
     c = store.client(opts.tracking_uri)
     have = c.get_run(parent.run_id).data.metrics
     metrics = {k: v for k, v in metrics.items() if have.get(k) != v}  # a resume logs only what changed

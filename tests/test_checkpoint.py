@@ -267,3 +267,30 @@ def test_importing_the_layout_imports_neither_torch_nor_ray() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_out_of_fold_file_round_trip_beside_the_fold_states(tmp_path: Path, states: dict[int, dict]) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    probs = {k: rng.dirichlet(np.ones(CLASSES), size=3) for k in FOLDS}
+    rows = {1: [4, 0, 2], 3: [1, 5, 3]}  # interleaved rows of the search's data
+    parts = [layout.oof_part(rows[k], k, [0, 1, 2], probs[k]) for k in FOLDS]
+    oof = layout.merge_oof(parts)
+    path = write_checkpoint(tmp_path / "ckpt", meta_for(states), states, oof=oof)
+    assert sorted(p.name for p in path.iterdir()) == ["fold_1.pt", "fold_3.pt", META_FILE, layout.OOF_FILE]
+    back = layout.read_oof(path)
+    assert back["row"].tolist() == [0, 1, 2, 3, 4, 5]  # sorted by row: trials line up
+    assert back["fold"].tolist() == [1, 3, 1, 3, 1, 3]
+    assert back["label"].tolist() == [1, 0, 2, 2, 0, 1]
+    assert {k: str(v.dtype) for k, v in back.items()} == layout.OOF_ARRAYS
+    # pred is the argmax of the float32 probabilities, float16 probabilities close to them
+    assert back["pred"][4] == probs[1][0].argmax() and back["pred"][5] == probs[3][1].argmax()
+    np.testing.assert_allclose(back["probs"][4], probs[1][0], atol=1e-3)
+    with pytest.raises(ValueError, match="more than one fold model"):
+        layout.merge_oof([parts[0], parts[0]])
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    with pytest.raises(CheckpointError, match=r"bad\.npz: not readable out-of-fold"):
+        layout.read_oof(tmp_path / "bad.npz")
+    # a checkpoint without out-of-fold predictions (an epoch before the last) has no file
+    assert not (write_checkpoint(tmp_path / "early", meta_for(states), states) / layout.OOF_FILE).exists()

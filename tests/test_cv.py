@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from trainable.checkpoint import read_oof
 from trainable.config import TrainConfig
 from trainable.cv import (
     METRIC,
@@ -147,6 +148,7 @@ def test_two_fold_trial_reports_fold_mean_and_writes_contract_checkpoint(
     with result.checkpoint.as_directory() as d:
         files = sorted(p.name for p in Path(d).iterdir())
         assert {"meta.json", "fold_1.pt", "fold_2.pt"} <= set(files)
+        assert "oof.npz" not in files  # stopped before its last epoch: no out-of-fold predictions
         meta, states = load_fold_states(d)
     assert meta["epoch"] == 2 and meta["folds"] == [1, 2]
     assert TrainConfig.from_dict(meta["config"]) == TrainConfig.from_dict({**SMOKE, "epochs": 3})
@@ -178,6 +180,8 @@ def _assert_all_resources_free(timeout: float = 15.0) -> None:
 def test_killed_fold_worker_fails_the_trial_and_retry_resumes_from_checkpoint(
     ray_session: None, tiny_shards: str, tmp_path: Path
 ) -> None:
+    from trainable.shards import load_shards
+
     marker = tmp_path / "fold2_crashed"
     # Fold 2's worker exits hard before epoch 3 on the first attempt only (the marker file).
     trainable = make_trainable(tiny_shards, folds=(1, 2), cpus_per_fold=1.0, fail_at=(2, 3, str(marker)))
@@ -192,7 +196,16 @@ def test_killed_fold_worker_fails_the_trial_and_retry_resumes_from_checkpoint(
     assert result.metrics["training_iteration"] == 4
     with result.checkpoint.as_directory() as d:
         meta, states = load_fold_states(d)
+        oof = read_oof(d)  # the final epoch's out-of-fold predictions, after a retry too
     assert [h["epoch"] for h in states[2]["history"]] == [1, 2, 3, 4]
+    data = load_shards(tiny_shards)
+    assert oof["row"].tolist() == np.nonzero(np.isin(data.fold.numpy(), [1, 2]))[0].tolist()
+    assert (oof["fold"] == data.fold.numpy()[oof["row"]]).all()
+    assert (oof["label"] == data.y.numpy()[oof["row"]]).all()
+    for k in (1, 2):  # each fold's predictions score exactly its reported accuracy
+        mine = oof["fold"] == k
+        acc = (oof["pred"][mine] == oof["label"][mine]).mean()
+        assert acc == pytest.approx(result.metrics[f"fold{k}_acc"], abs=1e-6)
     assert meta["shards"] == str(Path(tiny_shards).resolve())
     _assert_all_resources_free()
 

@@ -200,3 +200,14 @@ def test_state_saved_on_another_device_type_still_resumes():
     resumed.load_state_dict(sd)
     assert not resumed.exact_resume and resumed.epoch == 1
     assert resumed.train_epoch()["epoch"] == 2
+
+
+def test_validation_probabilities_are_the_eval_path_of_the_accuracy():
+    """The out-of-fold predictions (BBC-CV) must be what val_acc counted: same model, same crops."""
+    t = trainer(AUGMENTED.replace(epochs=2, batch_size=8))  # multi-crop evaluation
+    last = list(t)[-1]
+    probs = t.predict_val_probs()
+    assert probs.shape == (40, CLASSES) and probs.dtype == torch.float32
+    assert torch.allclose(probs.sum(1), torch.ones(40), atol=1e-5)
+    acc = (probs.argmax(1) == t.y_val.cpu()).float().mean().item()
+    assert acc == pytest.approx(last["val_acc"], abs=1e-6)

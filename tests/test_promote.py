@@ -223,6 +223,24 @@ def test_promote_a_real_smoke_search(ray_session, tiny_shards: str, mlflow_uri: 
     mv = c.get_model_version("esc50-cnn", result.version)
     assert mv.aliases == [CHAMPION] and mv.tags["esc50.shards"] == tiny_shards
     assert c.get_run(result.run_id).data.metrics["oof_clips"] == 16  # smoke: folds 1 and 2
+    # BBC-CV of the search on the version, the promotion run and in the output (one trial: no
+    # selection, so its out-of-fold accuracy up to bootstrap noise)
+    assert result.bbc is not None and result.bbc.n_trials == 1
+    for key in ("bbc_cv_acc", "bbc_cv_acc_lo", "bbc_cv_acc_hi"):
+        assert float(mv.tags[key]) == pytest.approx(result.bbc.metrics()[key], abs=1e-6)
+        assert c.get_run(result.run_id).data.metrics[key] == pytest.approx(result.bbc.metrics()[key])
+    assert float(mv.tags["bbc_cv_acc_lo"]) <= search.best_cv_acc_mean <= float(mv.tags["bbc_cv_acc_hi"])
+    assert "BBC-CV 0." in result.summary() and "\n" not in result.summary()
+    # what retraining it needs: config, features, folds, data, code, search and trial
+    fingerprint = json.loads((Path(tiny_shards) / "_manifest.json").read_text())["fingerprint"]
+    assert mv.tags["esc50.fingerprint"] == fingerprint and mv.tags["esc50.folds"] == "1,2"
+    assert json.loads(mv.tags["esc50.features"])["n_mels"] > 0
+    assert json.loads(mv.tags["esc50.config"])["epochs"] == 2 and mv.tags["esc50.search"] == "smoke-search"
+    assert mv.tags["esc50.trial"] == search.best_trial_id
+    assert len(mv.tags["mlflow.source.git.commit"]) == 40 and mv.tags["esc50.torch_version"]
+    promotion = c.get_run(result.run_id)
+    assert promotion.data.tags["mlflow.source.git.commit"] == mv.tags["mlflow.source.git.commit"]
+    assert promotion.inputs.dataset_inputs[0].dataset.name == "esc50-shards"
     # the same trial named by its Tune trial id, then by its run id
     assert promote(trial_id=search.best_trial_id, tracking=mlflow_uri).trial.run_id == search.best_run_id
     assert main(["promote", "--run", search.best_run_id, "--tracking-uri", mlflow_uri]) == 0

@@ -147,6 +147,33 @@ def test_resume_unknown_search(base: list[str], capsys: pytest.CaptureFixture[st
     assert "--resume never-ran: no search 'never-ran'" in err
 
 
+def test_resume_refuses_shards_of_another_fingerprint_unless_forced(
+    base: list[str], tiny_shards: str, mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The search "moved" started on shards with another fingerprint (its esc50_data.json says so)."""
+    from search.tune import DATA_FILE, _shards_record
+
+    opts = SearchOptions(
+        name="moved", smoke=True, shards=tiny_shards, tracking_uri=mlflow_uri, storage=str(tmp_path / "runs")
+    ).resolve()
+    saved = tmp_path / "runs" / "moved"
+    saved.mkdir(parents=True)
+    (saved / "esc50_search.json").write_text(opts.to_json())
+    (saved / "tuner.pkl").write_bytes(b"")  # a search that started
+    (saved / DATA_FILE).write_text(json.dumps({"fingerprint": "0123abcd", "shards": tiny_shards}))
+    err = _error(base + ["--resume", "moved"], capsys)
+    assert f"--resume moved: the shards at {tiny_shards} have fingerprint " in err
+    assert "the search started with 0123abcd" in err and "--force" in err
+    # --force goes on with the shards as they are now (the record the new trials carry)
+    now = _shards_record(opts, resume=True, force=True)
+    manifest = json.loads((Path(tiny_shards) / "_manifest.json").read_text())
+    assert now["fingerprint"] == manifest["fingerprint"] != "0123abcd"
+    # the same fingerprint resumes without --force; --force alone is not a resume
+    (saved / DATA_FILE).write_text(json.dumps({"fingerprint": manifest["fingerprint"]}))
+    assert _shards_record(opts, resume=True, force=False)["fingerprint"] == manifest["fingerprint"]
+    assert "--force: only with --resume" in _error(base + ["--force"], capsys)
+
+
 def test_run_search_rejects_a_name_in_use(tiny_shards: str, mlflow_uri: str, tmp_path: Path) -> None:
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "tuner.pkl").write_bytes(b"")

@@ -125,6 +125,43 @@ def test_smoke_search_tune_and_mlflow_agree(
     saved = json.loads((tmp_path / "runs" / "agree" / "esc50_search.json").read_text())
     assert saved["shards"] == tiny_shards and saved["concurrency"] == 3 and saved["trials"] == 3
 
+    # BBC-CV of the completed trials beside the selected cv_acc_mean: metrics, summary
+    m = parent.data.metrics
+    assert m["bbc_cv_acc_lo"] <= m["bbc_cv_acc"] <= m["bbc_cv_acc_hi"]
+    assert m["bbc_trials"] == len(completed) and result.bbc.n_trials == len(completed)
+    assert m["bbc_cv_acc"] == pytest.approx(result.bbc.mean) and "BBC-CV" in result.summary()
+    # ...from the out-of-fold predictions each completed trial keeps in its checkpoint and run
+    from trainable.checkpoint import read_oof
+
+    for r in completed:
+        oof = read_oof(r.data.tags["esc50.checkpoint"])
+        assert sorted(set(oof["fold"].tolist())) == [1, 2]
+        acc = (oof["pred"] == oof["label"]).mean()  # folds of equal size: the pooled = the mean
+        assert acc == pytest.approx(r.data.metrics["cv_acc_mean"], abs=1e-6)
+        assert [a.path for a in c.list_artifacts(r.info.run_id, "oof")] == ["oof/oof.npz"]
+    for r in runs.values():
+        if r.data.tags["esc50.status"] != "completed":
+            assert not c.list_artifacts(r.info.run_id, "oof")  # pruned: no final epoch
+
+    # Provenance: the code and the data on the search run and on every trial run
+    import subprocess
+
+    from search.provenance import versions
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    fingerprint = json.loads((Path(tiny_shards) / "_manifest.json").read_text())["fingerprint"]
+    for run in (parent, *runs.values()):
+        run = c.get_run(run.info.run_id)
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == head and tags["esc50.git_dirty"] in ("true", "false")
+        assert tags["esc50.version"] == versions()["esc50-search"]
+        assert tags["esc50.torch_version"] and tags["esc50.ray_version"] and tags["esc50.optuna_version"]
+        assert tags["esc50.mlflow_version"] == versions()["mlflow"]
+        assert tags["esc50.fingerprint"] == fingerprint and json.loads(tags["esc50.features"])["n_mels"]
+        (inp,) = run.inputs.dataset_inputs
+        assert inp.dataset.name == "esc50-shards" and fingerprint.startswith(inp.dataset.digest)
+        assert json.loads(inp.dataset.source)["uri"] == tiny_shards
+
 
 # ---- the callback on its own: nothing twice, runs found again after a restart ------------------------
 

@@ -6,6 +6,9 @@
                       shards, nodes)
         fold_<k>.pt   torch.save of fold k's `FoldTrainer.state_dict()` (or its slim form, in the
                       promoted model), one file for every fold that meta.json lists
+        oof.npz       only in a trial's final checkpoint: the out-of-fold predictions of its last
+                      epoch, every validation clip scored by the fold model that did not train on it
+                      (`OOF_FILE`; arrays `OOF_ARRAYS`; read with `read_oof`)
 
 The Tune trainable (trainable/cv.py) writes one every checkpointed epoch and reads it back on a
 retry; promotion reads it and writes the slim copy that the MLflow model ships (trainable/ensemble.py).
@@ -28,6 +31,12 @@ from typing import Any
 
 FORMAT = 1
 META_FILE = "meta.json"
+OOF_FILE = "oof.npz"
+# Per clip: its row in the search's data (the order `load_shards` gives, the same for every trial of
+# a search, so rows line up across trials), its official fold, true label, the predicted class
+# (argmax of the float32 probabilities: exactly what the accuracy counted, which float16 rounding
+# could tie) and the class probabilities (float16: 100 bytes per clip for 50 classes).
+OOF_ARRAYS = {"row": "int64", "fold": "int16", "label": "int16", "pred": "int16", "probs": "float16"}
 REQUIRED = ("config", "features", "classes", "folds")  # besides `format`: what every reader needs
 
 # A fold state as the writer takes it: torch.save bytes (what fold workers send) or a state dict.
@@ -78,11 +87,103 @@ def _read_bytes(path: Path) -> bytes:
         raise CheckpointError(f"{path}: cannot read fold state ({e.strerror or e})") from None
 
 
+# ---- out-of-fold predictions ----------------------------------------------------------------------
+
+
+def oof_part(rows: Any, fold: int, labels: Any, probs: Any) -> dict[str, Any]:
+    """One fold's out-of-fold predictions as the arrays of `OOF_ARRAYS`.
+
+    rows: (N,) the clips' rows in the search's data; labels: (N,) class ids; probs: (N, C) class
+    probabilities (numpy or CPU tensors) of the fold model that validated on these clips."""
+    import numpy as np
+
+    probs = np.asarray(probs, dtype=np.float32)
+    rows = np.asarray(rows)
+    if probs.ndim != 2 or len(probs) != len(rows) or len(np.asarray(labels)) != len(rows):
+        raise ValueError(f"fold {fold}: out-of-fold arrays differ in length or shape {probs.shape}")
+    return _typed(
+        {
+            "row": rows,
+            "fold": np.full(len(rows), int(fold)),
+            "label": np.asarray(labels),
+            "pred": probs.argmax(axis=1),
+            "probs": probs,
+        }
+    )
+
+
+def _typed(arrays: Mapping[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    return {
+        k: np.ascontiguousarray(np.asarray(arrays[k]).astype(t, copy=False)) for k, t in OOF_ARRAYS.items()
+    }
+
+
+def merge_oof(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The folds' `oof_part`s as one set of arrays, sorted by row; a row scored twice is an error."""
+    import numpy as np
+
+    parts = [_typed(p) for p in parts]
+    if not parts:
+        raise ValueError("no out-of-fold predictions to merge")
+    out = {k: np.concatenate([p[k] for p in parts]) for k in OOF_ARRAYS}
+    order = np.argsort(out["row"], kind="stable")
+    out = {k: v[order] for k, v in out.items()}
+    if len(out["row"]) > 1 and (np.diff(out["row"]) == 0).any():
+        raise ValueError("out-of-fold predictions: a clip (row) is scored by more than one fold model")
+    return out
+
+
+def write_oof(path: str | Path, oof: Mapping[str, Any]) -> Path:
+    """Write out-of-fold arrays as an .npz file, to a temporary name renamed at the end."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **_typed(oof))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_oof(path: str | Path) -> dict[str, Any]:
+    """Out-of-fold arrays from an .npz file or a checkpoint directory holding `OOF_FILE`, checked:
+    every array of `OOF_ARRAYS`, one row per clip. A `CheckpointError` names the file at fault."""
+    import numpy as np
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / OOF_FILE
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in OOF_ARRAYS if k in z.files}
+    except Exception as e:  # missing, truncated, not an npz
+        raise CheckpointError(
+            f"{path}: not readable out-of-fold predictions ({type(e).__name__}: {e})"
+        ) from None
+    missing = [k for k in OOF_ARRAYS if k not in arrays]
+    n = len(arrays.get("row", ()))
+    if missing or any(len(v) != n for v in arrays.values()) or arrays["probs"].ndim != 2:
+        raise CheckpointError(f"{path}: out-of-fold arrays missing {missing} or of unequal length")
+    return _typed(arrays)
+
+
 # ---- a checkpoint directory -------------------------------------------------------------------
 
 
-def write_checkpoint(directory: str | Path, meta: Mapping[str, Any], states: Mapping[int, State]) -> Path:
-    """Write `states` (fold -> torch.save bytes or state dict) and `meta` as the checkpoint `directory`.
+def write_checkpoint(
+    directory: str | Path,
+    meta: Mapping[str, Any],
+    states: Mapping[int, State],
+    oof: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `states` (fold -> torch.save bytes or state dict) and `meta` as the checkpoint `directory`;
+    with `oof` (arrays of `merge_oof`), also the out-of-fold predictions as `OOF_FILE`.
 
     meta.json gets `format` and `folds` (the folds of `states`) from here, so every fold it lists
     has its file. Atomic: everything goes into a temporary sibling directory that is renamed to
@@ -117,6 +218,8 @@ def write_checkpoint(directory: str | Path, meta: Mapping[str, Any], states: Map
                 import torch
 
                 torch.save(state, path)
+        if oof is not None:
+            write_oof(tmp / OOF_FILE, oof)
         (tmp / META_FILE).write_text(text)
         # No fsync: this guards against failures of the writer, not of the machine; Tune copies
         # the directory into its storage afterwards, and promotion uploads it to MLflow.

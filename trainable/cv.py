@@ -45,6 +45,8 @@ Checkpoint layout (a directory, trainable/checkpoint.py; `write_checkpoint` writ
                  shards (the URI, if the data was given as one; else null), classes, folds,
                  epoch, metrics (that epoch's reported metrics), nodes ({"<fold>": Ray node id})
     fold_<k>.pt  torch.save(FoldTrainer.state_dict()) of official fold k, for every fold in folds
+    oof.npz      in the final epoch's checkpoint: every validation clip's class probabilities from
+                 the fold model that did not train on it (FoldWorker.out_of_fold), for BBC-CV
 
 Resuming a search in a new driver (`Tuner.restore(path, trainable=...)`) needs the trainable made
 again with `make_trainable` (the old driver's object-store copy of the data died with it).
@@ -271,15 +273,20 @@ def cv_trainable(
             # report round trip (Tune, its callbacks, checkpoint upload) overlaps with training.
             pending = start(epoch)
             t1 = time.perf_counter()
-            per_fold = {k: m for k, (m, _) in zip(workers, results, strict=True)}
+            per_fold = {k: r[0] for k, r in zip(workers, results, strict=True)}
             metrics = cv_metrics(per_fold, epoch, t1 - t0)
             t0 = t1
-            states = {k: blob for k, (_, blob) in zip(workers, results, strict=True) if blob is not None}
+            states = {k: r[1] for k, r in zip(workers, results, strict=True) if r[1] is not None}
+            # the final epoch: every fold's out-of-fold predictions, kept in its checkpoint
+            parts = [r[2] for r in results if r[2] is not None]
+            oof = layout.merge_oof(parts) if parts else None
             if states:
                 with tempfile.TemporaryDirectory(prefix="cv_ckpt_") as d:
                     # A directory that does not exist yet: the writer's temporary sibling then
                     # lives inside `d` too, and goes with it even if this process is killed midway.
-                    path = write_checkpoint(Path(d) / "checkpoint", cfg, data, states, epoch, metrics, nodes)
+                    path = write_checkpoint(
+                        Path(d) / "checkpoint", cfg, data, states, epoch, metrics, nodes, oof=oof
+                    )
                     tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(path))
             else:
                 tune.report(metrics)
@@ -396,8 +403,10 @@ def write_checkpoint(
     epoch: int,
     metrics: Mapping[str, Any] | None = None,
     nodes: Mapping[int, str] | None = None,
+    oof: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a trial's checkpoint: meta.json + fold_<k>.pt (bytes of torch.save(state_dict())).
+    """Write a trial's checkpoint: meta.json + fold_<k>.pt (bytes of torch.save(state_dict())),
+    and oof.npz when `oof` (the final epoch's out-of-fold predictions, `layout.merge_oof`) is given.
 
     `directory` must not exist or be empty; it appears whole or not at all (see
     `trainable.checkpoint.write_checkpoint`).
@@ -412,7 +421,7 @@ def write_checkpoint(
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         "nodes": {str(k): v for k, v in (nodes or {}).items()},
     }
-    return layout.write_checkpoint(directory, meta, states)
+    return layout.write_checkpoint(directory, meta, states, oof=oof)
 
 
 def read_checkpoint(

@@ -290,6 +290,14 @@ class FoldTrainer:
         acc = (logits.argmax(1) == self.y_val).float().mean()
         return loss, acc
 
+    @torch.no_grad()
+    def predict_val_probs(self) -> torch.Tensor:
+        """(N_val, n_classes) float32 class probabilities of the validation clips, on the CPU:
+        softmax of the same eval path as the validation accuracy (`predict_logits`), so the argmax
+        of each row is the prediction that accuracy counted. The out-of-fold predictions of a
+        trial (selection-bias correction, search/bbc.py) are these, one fold at a time."""
+        return torch.softmax(self.predict_logits(self.x_val).float(), dim=1).cpu()
+
     def evaluate(self) -> tuple[float, float]:
         """(validation loss, validation accuracy) with the configured loss, no smoothing."""
         loss, acc = self._evaluate()

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from trainable.checkpoint import state_from_bytes, state_to_bytes
+from trainable.checkpoint import oof_part, state_from_bytes, state_to_bytes
 
 
 def split_fold(arrays: dict[str, np.ndarray], fold: int) -> tuple[Any, ...]:
@@ -69,6 +69,9 @@ class FoldWorker:
         # arrays_ref is a one-element list so Ray hands us the ref itself, not its value.
         arrays = ray.get(arrays_ref[0])
         x_train, y_train, x_val, y_val = split_fold(arrays, self.fold)
+        # The validation clips' rows in the shared arrays: they name the clips of the out-of-fold
+        # predictions, the same rows in every trial of the search.
+        self.val_rows = np.nonzero(arrays["fold"] == self.fold)[0]
         del arrays  # release the object-store view; only this fold's copy stays
         self.trainer = FoldTrainer(config, x_train, y_train, x_val, y_val, fold=self.fold)
 
@@ -90,11 +93,20 @@ class FoldWorker:
     def state(self) -> bytes:
         return state_to_bytes(self.trainer.state_dict())
 
-    def run_epoch(self, with_state: bool = False) -> tuple[dict[str, float], bytes | None]:
-        """Train the next epoch; returns its metrics and, if asked, the state after it."""
+    def run_epoch(
+        self, with_state: bool = False
+    ) -> tuple[dict[str, float], bytes | None, dict[str, np.ndarray] | None]:
+        """Train the next epoch; returns its metrics, if asked the state after it, and after the
+        trial's final epoch the out-of-fold predictions of this fold (`out_of_fold`), else None."""
         self._maybe_crash(self.trainer.epoch + 1)
         metrics = self.trainer.train_epoch()
-        return metrics, (self.state() if with_state else None)
+        oof = self.out_of_fold() if self.trainer.done else None
+        return metrics, (self.state() if with_state else None), oof
+
+    def out_of_fold(self) -> dict[str, np.ndarray]:
+        """This fold's validation clips scored by its model now (trainable.checkpoint.oof_part)."""
+        probs = self.trainer.predict_val_probs()
+        return oof_part(self.val_rows, self.fold, self.trainer.y_val.cpu().numpy(), probs.numpy())
 
     def _maybe_crash(self, epoch: int) -> None:
         """Test hook: die hard (like a lost node) before `epoch` of `fold`, once per marker file."""
