@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,13 +252,25 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
     """Log the ensemble pyfunc into the active run; returns mlflow's ModelInfo."""
     import mlflow
 
-    import trainable
-    from trainable.ensemble import CHECKPOINT_ARTIFACT, example_input, signature, write_slim_checkpoint
-    from trainable.features import FeatureParams
+    from trainable.ensemble import write_slim_checkpoint
 
     slim = work / "checkpoint"
     write_slim_checkpoint(slim, meta, states)
     code = model_code(work / "code")
+    # MLflow loads the saved model once to check the input example; importing the shipped code
+    # would leave __pycache__/*.pyc (compiled code) inside the logged artifact.
+    no_pyc, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        return _log_pyfunc(mlflow, meta, slim, code)
+    finally:
+        sys.dont_write_bytecode = no_pyc
+
+
+def _log_pyfunc(mlflow: Any, meta: dict[str, Any], slim: Path, code: Path) -> Any:
+    import trainable
+    from trainable.ensemble import CHECKPOINT_ARTIFACT, example_input, signature
+    from trainable.features import FeatureParams
+
     with hide_mlflow_notices():
         return mlflow.pyfunc.log_model(
             name="model",
