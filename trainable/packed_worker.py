@@ -44,7 +44,8 @@ class PackedFoldWorker:
         from trainable.fold import FoldTrainer
         from trainable.packed import pack
 
-        torch.set_num_threads(max(1, int(threads)))
+        # All folds' CPUs, but no more threads than the node has cores (5 folds x 1 CPU on 2 cores).
+        torch.set_num_threads(max(1, min(int(threads), os.cpu_count() or 1)))
         self.folds = [int(k) for k in folds]
         self.fail_at = fail_at
         arrays = ray.get(arrays_ref[0])
