@@ -56,8 +56,12 @@ SMOKE_TRIAL = {**CPU_TRIAL, "width": 4, "depth": 2, "batch_size": 8, "crop_frame
 def commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True
+        )
+        return (
+            out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+        )
     except OSError:
         return None
 
@@ -97,7 +101,12 @@ def load_data(shards: str | None, clips_per_fold: int, n_mels: int = 64, frames:
 
 
 def tune_trial(
-    shared: Any, folds: tuple[int, ...], config: dict, layout: str, cpus_per_fold: float, gpus_per_fold: float = 0.0
+    shared: Any,
+    folds: tuple[int, ...],
+    config: dict,
+    layout: str,
+    cpus_per_fold: float,
+    gpus_per_fold: float = 0.0,
 ) -> dict[str, Any]:
     """One trial of `config` through make_trainable + Tuner.fit (checkpoints every epoch, as a search)."""
     from ray import tune
@@ -201,7 +210,6 @@ def actor_rates(
 def fold_epoch_flops(config: dict, data: Any, fold: int = 1, device: str | None = None) -> float:
     """FLOPs of one training fold-epoch (train steps forward+backward, and the evaluation), counted by
     torch.utils.flop_counter over a real `FoldTrainer.train_epoch` of `fold`."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from trainable.fold import FoldTrainer
@@ -228,14 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="result JSON (default bench/results/cpu_layout_<time>.json)")
     args = p.parse_args(argv)
     import ray
-
     from machine import machine
+
     from trainable.cv import share_data
 
     config = dict(SMOKE_TRIAL if args.smoke else CPU_TRIAL)
     config["epochs"] = args.epochs
     folds = (1, 2) if args.smoke else (1, 2, 3, 4, 5)
-    data = load_data(args.shards, 8 if args.smoke else args.clips_per_fold, 16 if args.smoke else 64, 64 if args.smoke else 216)
+    data = load_data(
+        args.shards,
+        8 if args.smoke else args.clips_per_fold,
+        16 if args.smoke else 64,
+        64 if args.smoke else 216,
+    )
     repeats = 1 if args.smoke else args.repeats
     command = [sys.executable, *sys.argv]
     ray.init(
