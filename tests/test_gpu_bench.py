@@ -18,7 +18,7 @@ def test_gpu_bench_smoke_writes_every_measurement(tiny_shards: str, tmp_path: Pa
     out = tmp_path / "gpu_bench.json"
     epochs = 3
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--smoke", "--shards", tiny_shards,
-           "--out", str(out), "--budget", "400", "--layout-epochs", str(epochs), "--search-minutes", "0.4"]  # fmt: skip
+           "--out", str(out), "--budget", "900", "--layout-epochs", str(epochs), "--search-minutes", "0.3"]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own Ray, not the tests' shared session
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -52,4 +52,4 @@ def test_gpu_bench_smoke_writes_every_measurement(tiny_shards: str, tmp_path: Pa
     assert search["interrupted"] and not search["killed"], search["output_tail"]
     assert sum(search["counts"].values()) == len(search["trials"]) >= 1
     assert search["ended_per_hour"] >= 0 and search["goal_80_percent_busy_met"] is None
-    assert r["seconds"] < 400
+    assert r["seconds"] < 900
