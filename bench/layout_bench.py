@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = dict(SMOKE_TRIAL if args.smoke else CPU_TRIAL)
     config["epochs"] = args.epochs
+    config["warmup_epochs"] = min(config["warmup_epochs"], args.epochs / 2)  # onecycle: warm-up < epochs
     folds = (1, 2) if args.smoke else (1, 2, 3, 4, 5)
     data = load_data(
         args.shards,
