@@ -137,3 +137,21 @@ def test_packed_search_records_per_fold_metrics_in_mlflow(
     assert run.data.metrics["cv_acc_mean"] == pytest.approx(
         (run.data.metrics["fold1_acc"] + run.data.metrics["fold2_acc"]) / 2
     )
+
+
+def test_fold_layout_option_is_parsed_checked_and_saved(tmp_path: Path) -> None:
+    from search.cli import build_parser, search_options
+    from search.errors import UserError
+
+    args = build_parser().parse_args(["search", "--fold-layout", "packed", "--gpus-per-fold", "0.1"])
+    opts = search_options(args)
+    assert opts.fold_layout == "packed"
+    resolved = opts.resolve()
+    assert SearchOptions.from_json(resolved.to_json()).fold_layout == "packed"
+    # A search saved before the option existed resumes with the default.
+    old = {k: v for k, v in resolved.to_dict().items() if k != "fold_layout"}
+    assert SearchOptions.from_dict(old).fold_layout == "auto"
+    with pytest.raises(UserError, match="--fold-layout 'sideways'"):
+        SearchOptions(fold_layout="sideways", storage=str(tmp_path)).resolve()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["search", "--fold-layout", "sideways"])
