@@ -8,8 +8,9 @@
              {CPU: folds x cpus_per_fold, GPU: min(1, folds x gpus_per_fold)}. A packed trial
              runs on one device, so its GPU share is capped at one GPU; below one, several packed
              trials share a GPU (e.g. 5 folds x --gpus-per-fold 0.1 = 0.5 GPU: two trials per GPU).
-    auto     (the default) packed when the folds get GPUs; on CPU, `CPU_AUTO` (chosen by
-             measurement on the 2-core CPU this project is developed on: README, Benchmarks).
+    auto     (the default) `GPU_AUTO` (packed) when the folds get GPUs; on CPU, `CPU_AUTO`
+             (workers: measured faster on the 2-core CPU this project is developed on, README,
+             Benchmarks; oneDNN's grouped convolutions are slower than the separate ones there).
 
 Both layouts reserve the same CPUs, and the same GPUs up to that cap, so a cluster fits the same
 number of trials either way (search/concurrency.py), and checkpoints are the same files.
@@ -19,8 +20,11 @@ Imports nothing heavy: the CLI and the trial process use it.
 from __future__ import annotations
 
 LAYOUTS = ("auto", "workers", "packed")
-# What `auto` picks without GPUs; see the module docstring and bench/results/cpu_layout.json.
+# What `auto` picks without GPUs; see the module docstring and the README's Benchmarks.
 CPU_AUTO = "workers"
+# With GPUs: packed, by design (5 fold processes sharing an H100 moved no more work per second than
+# one fold alone). Not yet measured on a GPU: bench/gpu_run.sh measures both; flip it if packed loses.
+GPU_AUTO = "packed"
 
 
 def resolve_layout(layout: str, gpus_per_fold: float) -> str:
@@ -30,7 +34,7 @@ def resolve_layout(layout: str, gpus_per_fold: float) -> str:
         raise ValueError(f"fold layout {layout!r} is not one of {LAYOUTS}")
     if layout != "auto":
         return layout
-    return "packed" if gpus_per_fold > 0 else CPU_AUTO
+    return GPU_AUTO if gpus_per_fold > 0 else CPU_AUTO
 
 
 def trial_bundles(
