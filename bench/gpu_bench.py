@@ -122,38 +122,46 @@ def gpu_info() -> dict[str, Any]:
 
 
 def run_cli(
-    args: list[str], timeout: float, env: dict[str, str], interrupt_after: float | None = None
+    args: list[str],
+    timeout: float,
+    env: dict[str, str],
+    interrupt_after: float | None = None,
+    started: Any = None,
 ) -> dict:
-    """`python -m search ARGS` with a wall-clock limit; with `interrupt_after`, SIGINT then (as Ctrl-C:
-    Tune stops its trials and saves), SIGKILL if it has not ended `timeout` seconds after start."""
+    """`python -m search ARGS` with a wall-clock limit (SIGKILL at `timeout` s). With `interrupt_after`:
+    SIGINT (as Ctrl-C: Tune stops its trials and saves) that many seconds after `started()` (polled
+    every second) first returns true, or after the start if no `started` is given."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [*CLI, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    interrupted = killed = False
-    try:
-        out, _ = proc.communicate(timeout=interrupt_after if interrupt_after is not None else timeout)
-    except subprocess.TimeoutExpired:
-        if interrupt_after is not None:
-            interrupted = True
-            proc.send_signal(signal.SIGINT)
-            try:
-                out, _ = proc.communicate(timeout=max(5.0, timeout - interrupt_after))
-            except subprocess.TimeoutExpired:
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [*CLI, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        interrupted = killed = False
+        t_started = None if started is not None else t0
+        while proc.poll() is None:
+            now = time.perf_counter()
+            if t_started is None and started():
+                t_started = now
+            if now - t0 > timeout:
                 killed = True
                 proc.kill()
-                out, _ = proc.communicate()
-        else:
-            killed = True
-            proc.kill()
-            out, _ = proc.communicate()
+                break
+            if interrupt_after is not None and not interrupted and t_started is not None:
+                if now - t_started >= interrupt_after:
+                    interrupted = True
+                    proc.send_signal(signal.SIGINT)
+            time.sleep(1.0)
+        proc.wait()
+        log.seek(0)
+        out = log.read()
     return {
         "command": ["esc50", *args],
         "rc": proc.returncode,
         "seconds": time.perf_counter() - t0,
+        "seconds_from_first_trial": None if t_started is None else time.perf_counter() - t_started,
         "interrupted": interrupted,
         "killed": killed,
-        "output_tail": (out or "")[-3000:],
+        "output_tail": out[-3000:],
     }
 
 
@@ -266,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     save()
         # ---- 4. an ASHA search of the default space on this GPU ---------------------------------
-        if "search" in skip or left() < (20 if args.smoke else 60):
+        if "search" in skip or left() < (90 if args.smoke else 135):
             result["steps"]["search"] = {"skipped": "--skip" if "search" in skip else f"{left():.0f} s left"}
         else:
-            minutes = min(args.search_minutes, (left() - (10 if args.smoke else 30)) / 60)
+            # start-up (Ray, the first trial) before the timed minutes, shutdown after them
+            minutes = min(args.search_minutes, (left() - (60 if args.smoke else 75)) / 60)
             s_args = ["search", "--space", "default", "--name", "asha", "-q", *search_args]
             s_args += (
                 ["--smoke", "--trials", "50", "--concurrency", "2"]
@@ -277,8 +286,18 @@ def main(argv: list[str] | None = None) -> int:
                 else ["--trials", "500", "--gpus-per-fold", "0.05", "--cpus-per-fold", "0.5"]
             )
             t0 = time.time()
-            run = run_cli(s_args, timeout=minutes * 60 + 45, env=env, interrupt_after=minutes * 60)
-            run["gpu"] = sampler.busy(t0 + 20, t0 + minutes * 60)  # from the first trials' start
+            first: list[float] = []
+
+            def started() -> bool:  # the first trial's run is in MLflow: the search is running
+                try:  # (read only once the store exists: the CLI creates it)
+                    if not first and (work / "mlflow.db").exists() and trial_runs(tracking, "asha"):
+                        first.append(time.time())
+                except Exception:  # the store mid-write: ask again next second
+                    pass
+                return bool(first)
+
+            run = run_cli(s_args, timeout=left() - 5, env=env, interrupt_after=minutes * 60, started=started)
+            run["gpu"] = sampler.busy(first[0] if first else t0, time.time())
             runs = trial_runs(tracking, "asha")
             counts: dict[str, int] = {}
             for r in runs:
@@ -287,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             run.update(
                 minutes=minutes,
                 counts=counts,
-                ended_per_hour=ended / (run["seconds"] / 3600),
+                ended_per_hour=ended / ((run["seconds_from_first_trial"] or run["seconds"]) / 3600),
                 trials=runs,
             )
             busy = run["gpu"]["busy_fraction"]
