@@ -122,7 +122,11 @@ def tune_trial(
             trainable,
             param_space=config,
             tune_config=tune.TuneConfig(num_samples=1, metric=METRIC, mode="max"),
-            run_config=tune.RunConfig(name="t", storage_path=d, verbose=0),
+            # A trial killed by Ray's memory monitor (a shared machine) retries from its checkpoint,
+            # as in a search; the retries are recorded.
+            run_config=tune.RunConfig(
+                name="t", storage_path=d, verbose=0, failure_config=tune.FailureConfig(max_failures=2)
+            ),
         ).fit()
         wall = time.perf_counter() - t0
         if results.errors:
@@ -134,6 +138,7 @@ def tune_trial(
             "epoch_seconds": [float(s) for s in history["epoch_seconds"]],
             "epochs": int(history["epoch"].iloc[-1]),
             "cv_acc_mean": float(history["cv_acc_mean"].iloc[-1]),
+            "epochs_since_restore": int(results[0].metrics.get("iterations_since_restore", 0)),
         }
 
 
