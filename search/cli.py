@@ -191,6 +191,12 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--gpus-per-fold", help="GPUs of each fold worker, fractional allowed (default 0)")
     p.add_argument(
+        "--fold-layout",
+        choices=("auto", "workers", "packed"),
+        help="a trial's folds as one worker each, or packed into one worker as one batched network "
+        "(default auto: packed with GPUs, workers on CPU; see the README)",
+    )
+    p.add_argument(
         "--shards", help="prepared shards: a path or URI (default: data/shards/<default features>)"
     )
     p.add_argument(
@@ -250,6 +256,7 @@ def search_options(args: argparse.Namespace):
         "folds": args.folds,
         "cpus_per_fold": _opt(args.cpus_per_fold, "--cpus-per-fold", float),
         "gpus_per_fold": _opt(args.gpus_per_fold, "--gpus-per-fold", float),
+        "fold_layout": args.fold_layout,
         "shards": args.shards,
         "address": args.address,
         "storage": args.storage,

@@ -18,11 +18,15 @@ from search.options import SearchOptions
 
 
 def trial_resources(opts: SearchOptions) -> tuple[float, float]:
-    """(CPUs, GPUs) one trial takes: its coordinating function plus one bundle per fold."""
+    """(CPUs, GPUs) one trial takes: its coordinating function plus its fold bundles (one per fold,
+    or one for all folds when packed: trainable/layout.py; a packed trial takes at most one GPU)."""
     from trainable.cv import TRIAL_CPUS
+    from trainable.layout import resolve_layout, trial_bundles
 
     n = len(opts.folds or ())
-    return TRIAL_CPUS + n * float(opts.cpus_per_fold), n * float(opts.gpus_per_fold)
+    layout = resolve_layout(opts.fold_layout, float(opts.gpus_per_fold))
+    bundles = trial_bundles(n, float(opts.cpus_per_fold), float(opts.gpus_per_fold), layout)
+    return TRIAL_CPUS + sum(b["CPU"] for b in bundles), sum(b.get("GPU", 0.0) for b in bundles)
 
 
 # Where `ray up` leaves the cluster config on the head node, where `ray job submit` and `ray exec`

@@ -21,6 +21,7 @@ from search.errors import UserError
 
 OPTIONS_FILE = "esc50_search.json"
 SAMPLERS = ("tpe", "random", "cmaes")
+FOLD_LAYOUTS = ("auto", "workers", "packed")  # trainable/layout.py's LAYOUTS (not imported: kept light)
 DEFAULT_STORAGE = "runs"
 DEFAULT_EXPERIMENT = "esc50"
 ALL_FOLDS = (1, 2, 3, 4, 5)
@@ -40,6 +41,7 @@ class SearchOptions:
     folds: tuple[int, ...] | None = None  # official folds to cross-validate (default all 5; smoke: 1, 2)
     cpus_per_fold: float | None = None  # default 1 (smoke: 0.5)
     gpus_per_fold: float = 0.0
+    fold_layout: str = "auto"  # auto | workers | packed (trainable/layout.py); saved, so a resume keeps it
     shards: str | None = None  # default: data/shards/<digest of the default features>
     address: str | None = None  # Ray: None = a local Ray on loopback; "auto" or host:port connects
     storage: str | None = None  # Tune storage: a local dir (default ./runs) or a URI (s3://, file://)
@@ -84,6 +86,9 @@ class SearchOptions:
         _positive("--cpus-per-fold", o.cpus_per_fold)
         if not isinstance(o.gpus_per_fold, (int, float)) or o.gpus_per_fold < 0:
             raise UserError(f"--gpus-per-fold {o.gpus_per_fold!r}: must be >= 0")
+        o.fold_layout = str(o.fold_layout).lower()
+        if o.fold_layout not in FOLD_LAYOUTS:
+            raise UserError(f"--fold-layout {o.fold_layout!r}: not one of {', '.join(FOLD_LAYOUTS)}")
         if o.concurrency is None and o.smoke:
             o.concurrency = min(o.trials, 2)  # trial start-up dominates a smoke run: overlap two
         if o.concurrency is not None:

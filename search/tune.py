@@ -461,6 +461,7 @@ def _search(
 
     from search import report, tracking
     from trainable.cv import make_trainable
+    from trainable.layout import resolve_layout
 
     epochs = max_epochs(opts, samples)
     fixed = set(space.overrides)
@@ -488,13 +489,15 @@ def _search(
             folds=opts.folds,
             cpus_per_fold=opts.cpus_per_fold,
             gpus_per_fold=opts.gpus_per_fold,
+            layout=opts.fold_layout,
         )
         exp_dir = experiment_dir(opts.storage, opts.name)
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's CLIReporter table (the new output ignores it)
         if opts.verbose:
             print(
                 f"search {opts.name}: space {space.label}, {opts.trials} trials x folds "
-                f"{','.join(map(str, opts.folds))}, up to {epochs} epochs, {opts.concurrency} at once, "
+                f"{','.join(map(str, opts.folds))} ({resolve_layout(opts.fold_layout, opts.gpus_per_fold)}), "
+                f"up to {epochs} epochs, {opts.concurrency} at once, "
                 f"sampler {opts.sampler}, ASHA {f'on (grace {opts.grace(epochs)})' if opts.asha else 'off'}"
                 f"{' (resumed)' if resume else ''}",
                 flush=True,

@@ -15,7 +15,9 @@ How a trial runs (`cv_trainable`, top to bottom):
      `resolve_config`, which is strict: an unknown key is an error naming the key;
   2. one `FoldWorker` actor per fold (trainable/fold_worker.py) is placed in bundle i+1 of the
      trial's placement group (bundle 0 holds this coordinating function); every worker gets the
-     ObjectRef of the search's shared arrays and copies only its own train/val split out of it;
+     ObjectRef of the search's shared arrays and copies only its own train/val split out of it.
+     In the `packed` layout (trainable/layout.py) one `PackedFoldWorker` in bundle 1 trains every
+     fold as one batched network and answers each call once per fold, so what follows is the same;
   3. if Tune hands the trial a checkpoint (a retry after a failure, or a resumed search), every
      worker loads its fold's saved state and training continues after the saved epoch;
   4. the folds train in lock-step: each epoch is `ray.get([w.run_epoch.remote() ...])`, then one
@@ -70,6 +72,7 @@ from ray.tune import PlacementGroupFactory
 from trainable import checkpoint as layout
 from trainable.config import TrainConfig
 from trainable.fold_worker import FoldWorker
+from trainable.layout import resolve_layout, trial_bundles, worker_threads
 
 METRIC = "cv_acc_mean"
 MODE = "max"
@@ -196,6 +199,7 @@ def make_trainable(
     strategy: str = "PACK",
     checkpoint_every: int = 1,
     fail_at: tuple[int, int, str] | None = None,
+    layout: str = "auto",
 ):
     """The trainable to give `tune.Tuner`: `cv_trainable` with the data and its resources.
 
@@ -209,6 +213,8 @@ def make_trainable(
     checkpoint_every: report a checkpoint every this many epochs (and always at the last epoch).
     fail_at: test hook (fold, epoch, marker_file): that fold's worker exits hard before that epoch
         if the marker file does not exist yet (and creates it), i.e. on the first attempt only.
+    layout: "workers" (one actor per fold), "packed" (all folds in one actor, as one batched
+        network) or "auto" (see trainable/layout.py: packed on GPU).
     """
     folds = check_folds(folds)
     strategy = str(strategy).upper()
@@ -218,12 +224,11 @@ def make_trainable(
         raise ValueError("need cpus_per_fold > 0 and gpus_per_fold >= 0")
     if int(checkpoint_every) < 1:
         raise ValueError("checkpoint_every must be >= 1")
+    layout = resolve_layout(layout, gpus_per_fold)
     shared = share_data(data, folds)
-    bundle = {"CPU": float(cpus_per_fold)}
-    if gpus_per_fold > 0:
-        bundle["GPU"] = float(gpus_per_fold)
     resources = PlacementGroupFactory(
-        [{"CPU": TRIAL_CPUS}] + [dict(bundle) for _ in folds], strategy=strategy
+        [{"CPU": TRIAL_CPUS}] + trial_bundles(len(folds), cpus_per_fold, gpus_per_fold, layout),
+        strategy=strategy,
     )
     fn = tune.with_parameters(
         cv_trainable,
@@ -233,6 +238,7 @@ def make_trainable(
         gpus_per_fold=float(gpus_per_fold),
         checkpoint_every=int(checkpoint_every),
         fail_at=fail_at,
+        layout=layout,
     )
     return tune.with_resources(fn, resources)
 
@@ -245,6 +251,7 @@ def cv_trainable(
     gpus_per_fold: float = 0.0,
     checkpoint_every: int = 1,
     fail_at: tuple[int, int, str] | None = None,
+    layout: str = "workers",
 ) -> None:
     """One Tune trial (function API): see the module docstring. Use `make_trainable` to build it.
 
@@ -255,7 +262,7 @@ def cv_trainable(
     missing = [f for f in folds if f not in data.folds_present]
     if missing:
         raise ValueError(f"the data has no clips of fold(s) {missing}")
-    workers, nodes = _start_workers(data, cfg, folds, cpus_per_fold, gpus_per_fold, fail_at)
+    workers, nodes = _start_workers(data, cfg, folds, cpus_per_fold, gpus_per_fold, fail_at, layout)
     try:
         epoch = _restore(workers, cfg, folds)
 
@@ -263,6 +270,8 @@ def cv_trainable(
             if e >= cfg.epochs:
                 return None
             save = (e + 1) % checkpoint_every == 0 or e + 1 == cfg.epochs
+            if layout == "packed":  # one actor for every fold: one call, one result ref per fold
+                return _per_fold_refs(next(iter(workers.values())).run_epoch, len(workers), save)
             return [w.run_epoch.remote(save) for w in workers.values()]
 
         pending, t0 = start(epoch), time.perf_counter()
@@ -325,13 +334,17 @@ def _start_workers(
     cpus_per_fold: float,
     gpus_per_fold: float,
     fail_at: tuple[int, int, str] | None,
+    layout: str = "workers",
 ) -> tuple[dict[int, Any], dict[int, str]]:
-    """One FoldWorker per fold, in bundle i+1 of the trial's placement group (if it has one).
+    """One FoldWorker per fold, in bundle i+1 of the trial's placement group (if it has one); or,
+    packed, one PackedFoldWorker for every fold in bundle 1 (the same handle under each fold).
 
     Returns the workers and the node id each one runs on, by fold."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     pg = ray.util.get_current_placement_group()
+    if layout == "packed":
+        return _start_packed(data, cfg, folds, cpus_per_fold, gpus_per_fold, fail_at, pg)
     workers = {}
     for i, k in enumerate(folds):
         opts: dict[str, Any] = {"num_cpus": cpus_per_fold, "num_gpus": gpus_per_fold, "max_restarts": 0}
@@ -349,6 +362,43 @@ def _start_workers(
             ray.kill(w)
         raise
     return workers, {r["fold"]: r["node"] for r in ready}
+
+
+def _start_packed(
+    data: SharedData,
+    cfg: TrainConfig,
+    folds: Sequence[int],
+    cpus_per_fold: float,
+    gpus_per_fold: float,
+    fail_at: tuple[int, int, str] | None,
+    pg: Any,
+) -> tuple[dict[int, Any], dict[int, str]]:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from trainable.packed_worker import PackedFoldWorker
+
+    (bundle,) = trial_bundles(len(folds), cpus_per_fold, gpus_per_fold, "packed")
+    opts: dict[str, Any] = {"num_cpus": bundle["CPU"], "num_gpus": bundle.get("GPU", 0.0), "max_restarts": 0}
+    if pg is not None:
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=1
+        )
+    actor = PackedFoldWorker.options(**opts).remote(
+        data.arrays, list(folds), cfg.to_dict(), threads=worker_threads(bundle["CPU"]), fail_at=fail_at
+    )
+    workers = {k: actor for k in folds}
+    try:
+        ready = _gather(workers, _per_fold_refs(actor.ready, len(folds)), "start")
+    except BaseException:
+        ray.kill(actor)
+        raise
+    return workers, {r["fold"]: r["node"] for r in ready}
+
+
+def _per_fold_refs(method: Any, n: int, *args: Any) -> list[Any]:
+    """Call a PackedFoldWorker method that answers per fold: one ObjectRef per fold, in fold order."""
+    refs = method.options(num_returns=n).remote(*args)
+    return list(refs) if n > 1 else [refs]
 
 
 def _restore(workers: Mapping[int, Any], cfg: TrainConfig, folds: Sequence[int]) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -73,11 +73,21 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int, steps_per_epoch:
     return 1.0  # constant
 
 
-def make_optimizer(config: TrainConfig, model: torch.nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    config: TrainConfig,
+    model: torch.nn.Module | Iterable[torch.Tensor],
+    fused: bool = False,
+    stacked: int = 0,
+) -> torch.optim.Optimizer:
     """Weight decay on conv/linear weights only (not on norms and biases). `fused`: the fused
-    CUDA kernels of Adam/AdamW (one launch per step instead of several per parameter)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    CUDA kernels of Adam/AdamW (one launch per step instead of several per parameter).
+
+    `model` may also be the parameters themselves; `stacked`: how many leading dimensions stack
+    several folds' copies of a parameter (trainable/packed.py), so the decay groups still go by
+    each parameter's own dimension, in the same order (the optimizer states line up index by index)."""
+    params = list(model.parameters() if isinstance(model, torch.nn.Module) else model)
+    decay = [p for p in params if p.requires_grad and p.dim() - stacked >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.dim() - stacked < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
