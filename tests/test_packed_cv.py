@@ -89,8 +89,8 @@ def test_fold_worker_states_resume_in_a_packed_worker_and_back(ray_session: None
         assert ray.get([packed.load_state.remote(first[k][1], f"fold_{k}.pt") for k in (1, 2)]) == [1, 1]
         second = ray.get(packed.run_epoch.options(num_returns=2).remote(True))
         reference = {k: ray.get(w.run_epoch.remote(False))[0] for k, w in alone.items()}
-        for (m, blob), k in zip(second, (1, 2), strict=True):
-            assert m["fold"] == k and m["epoch"] == 2
+        for (m, blob, oof), k in zip(second, (1, 2), strict=True):
+            assert m["fold"] == k and m["epoch"] == 2 and oof is None  # out-of-fold: final epoch only
             assert m["train_loss"] == pytest.approx(reference[k]["train_loss"], rel=1e-3)
             assert m["val_acc"] == pytest.approx(reference[k]["val_acc"])
             assert state_from_bytes(blob)["epoch"] == 2
@@ -137,6 +137,14 @@ def test_packed_search_records_per_fold_metrics_in_mlflow(
     assert run.data.metrics["cv_acc_mean"] == pytest.approx(
         (run.data.metrics["fold1_acc"] + run.data.metrics["fold2_acc"]) / 2
     )
+    # the final checkpoint holds the out-of-fold predictions, scored as the per-fold accuracies were
+    from trainable.checkpoint import read_oof
+
+    oof = read_oof(result.best_checkpoint)
+    for k in (1, 2):
+        mine = oof["fold"] == k
+        acc = float((oof["pred"][mine] == oof["label"][mine]).mean())
+        assert acc == pytest.approx(run.data.metrics[f"fold{k}_acc"], abs=1e-6)
 
 
 def test_fold_layout_option_is_parsed_checked_and_saved(tmp_path: Path) -> None:

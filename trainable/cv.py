@@ -69,7 +69,7 @@ import ray
 from ray import tune
 from ray.tune import PlacementGroupFactory
 
-from trainable import checkpoint as layout
+from trainable import checkpoint as checkpoints
 from trainable.config import TrainConfig
 from trainable.fold_worker import FoldWorker
 from trainable.layout import resolve_layout, trial_bundles, worker_threads
@@ -288,7 +288,7 @@ def cv_trainable(
             states = {k: r[1] for k, r in zip(workers, results, strict=True) if r[1] is not None}
             # the final epoch: every fold's out-of-fold predictions, kept in its checkpoint
             parts = [r[2] for r in results if r[2] is not None]
-            oof = layout.merge_oof(parts) if parts else None
+            oof = checkpoints.merge_oof(parts) if parts else None
             if states:
                 with tempfile.TemporaryDirectory(prefix="cv_ckpt_") as d:
                     # A directory that does not exist yet: the writer's temporary sibling then
@@ -413,7 +413,9 @@ def _restore(workers: Mapping[int, Any], cfg: TrainConfig, folds: Sequence[int])
             diff = [k for k in TrainConfig.keys() if getattr(saved, k) != getattr(cfg, k)]
             raise ValueError(f"checkpoint {d} was written for another config (differs in {diff})")
         # The workers load the bytes (this process has no torch); a corrupt file is named by its path.
-        loads = [workers[k].load_state.remote(blobs[k], str(Path(d) / layout.fold_file(k))) for k in workers]
+        loads = [
+            workers[k].load_state.remote(blobs[k], str(Path(d) / checkpoints.fold_file(k))) for k in workers
+        ]
         epochs = _gather(workers, loads, "resume")
     if any(e != meta["epoch"] for e in epochs):
         raise ValueError(f"checkpoint fold states are at epochs {epochs}, meta.json says {meta['epoch']}")
@@ -456,7 +458,7 @@ def write_checkpoint(
     oof: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a trial's checkpoint: meta.json + fold_<k>.pt (bytes of torch.save(state_dict())),
-    and oof.npz when `oof` (the final epoch's out-of-fold predictions, `layout.merge_oof`) is given.
+    and oof.npz when `oof` (the final epoch's out-of-fold predictions, `checkpoints.merge_oof`) is given.
 
     `directory` must not exist or be empty; it appears whole or not at all (see
     `trainable.checkpoint.write_checkpoint`).
@@ -471,7 +473,7 @@ def write_checkpoint(
         "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},
         "nodes": {str(k): v for k, v in (nodes or {}).items()},
     }
-    return layout.write_checkpoint(directory, meta, states, oof=oof)
+    return checkpoints.write_checkpoint(directory, meta, states, oof=oof)
 
 
 def read_checkpoint(
@@ -480,14 +482,16 @@ def read_checkpoint(
     """(meta, {fold: state bytes}) of a checkpoint directory; `folds` (default: meta's) must be in it.
 
     Bytes, not state dicts: the trial process never imports torch; the fold workers load them."""
-    meta, blobs = layout.read_checkpoint(directory, None if folds is None else check_folds(folds), load=False)
+    meta, blobs = checkpoints.read_checkpoint(
+        directory, None if folds is None else check_folds(folds), load=False
+    )
     check_folds(meta["folds"])
     return meta, blobs
 
 
 def load_fold_states(directory: str | Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """(meta, {fold: FoldTrainer state dict}) of a checkpoint directory, for promotion and tests."""
-    meta, states = layout.read_checkpoint(directory)
+    meta, states = checkpoints.read_checkpoint(directory)
     check_folds(meta["folds"])
     return meta, states
 

@@ -47,6 +47,18 @@ def split_fold(arrays: dict[str, np.ndarray], fold: int) -> tuple[Any, ...]:
     )
 
 
+def val_rows(arrays: dict[str, np.ndarray], fold: int) -> np.ndarray:
+    """The validation clips' rows in the shared arrays: they name the clips of the out-of-fold
+    predictions, the same rows in every trial of the search."""
+    return np.nonzero(arrays["fold"] == fold)[0]
+
+
+def out_of_fold(trainer: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """A FoldTrainer's validation clips scored by its model now (trainable.checkpoint.oof_part)."""
+    probs = trainer.predict_val_probs()
+    return oof_part(rows, trainer.fold, trainer.y_val.cpu().numpy(), probs.numpy())
+
+
 @ray.remote
 class FoldWorker:
     """One fold of one trial. Created by `cv_trainable` with the fold's resources."""
@@ -69,9 +81,7 @@ class FoldWorker:
         # arrays_ref is a one-element list so Ray hands us the ref itself, not its value.
         arrays = ray.get(arrays_ref[0])
         x_train, y_train, x_val, y_val = split_fold(arrays, self.fold)
-        # The validation clips' rows in the shared arrays: they name the clips of the out-of-fold
-        # predictions, the same rows in every trial of the search.
-        self.val_rows = np.nonzero(arrays["fold"] == self.fold)[0]
+        self.val_rows = val_rows(arrays, self.fold)
         del arrays  # release the object-store view; only this fold's copy stays
         self.trainer = FoldTrainer(config, x_train, y_train, x_val, y_val, fold=self.fold)
 
@@ -104,9 +114,7 @@ class FoldWorker:
         return metrics, (self.state() if with_state else None), oof
 
     def out_of_fold(self) -> dict[str, np.ndarray]:
-        """This fold's validation clips scored by its model now (trainable.checkpoint.oof_part)."""
-        probs = self.trainer.predict_val_probs()
-        return oof_part(self.val_rows, self.fold, self.trainer.y_val.cpu().numpy(), probs.numpy())
+        return out_of_fold(self.trainer, self.val_rows)
 
     def _maybe_crash(self, epoch: int) -> None:
         """Test hook: die hard (like a lost node) before `epoch` of `fold`, once per marker file."""

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from trainable.checkpoint import state_from_bytes, state_to_bytes
-from trainable.fold_worker import split_fold
+from trainable.fold_worker import out_of_fold, split_fold, val_rows
 
 
 def _one_or_list(out: list[Any]) -> Any:
@@ -50,6 +50,7 @@ class PackedFoldWorker:
         self.fail_at = fail_at
         arrays = ray.get(arrays_ref[0])
         trainers = [FoldTrainer(config, *split_fold(arrays, k), fold=k) for k in self.folds]
+        self.val_rows = {k: val_rows(arrays, k) for k in self.folds}
         del arrays
         self.groups = pack(trainers)  # one group unless folds differ in steps per epoch
         self.group_of = {k: g for g in self.groups for k in g.folds}
@@ -75,14 +76,16 @@ class PackedFoldWorker:
         return int(state["epoch"])
 
     def run_epoch(self, with_state: bool = False) -> Any:
-        """Train the next epoch of every fold; per fold, (metrics, state bytes if asked, else None)."""
+        """Train the next epoch of every fold; per fold, as FoldWorker.run_epoch: (metrics, state
+        bytes if asked else None, out-of-fold predictions after the final epoch else None)."""
         self._maybe_crash(self.groups[0].epoch + 1)
-        out: dict[int, tuple[dict[str, float], bytes | None]] = {}
+        out: dict[int, tuple[dict[str, float], bytes | None, Any]] = {}
         for g in self.groups:
-            metrics = g.train_epoch()
+            metrics = g.train_epoch()  # leaves every member's model in step with the stack
             states = g.state_dicts() if with_state else [None] * len(metrics)
-            for m, s in zip(metrics, states, strict=True):
-                out[int(m["fold"])] = (m, None if s is None else state_to_bytes(s))
+            for t, m, s in zip(g.members, metrics, states, strict=True):
+                oof = out_of_fold(t, self.val_rows[t.fold]) if t.done else None
+                out[t.fold] = (m, None if s is None else state_to_bytes(s), oof)
         return _one_or_list([out[k] for k in self.folds])
 
     def _maybe_crash(self, epoch: int) -> None:
