@@ -214,7 +214,13 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         help="tiny model, 2 folds, 2 trials, 2 epochs: a check in well under a minute",
     )
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME (in --storage)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress table or summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines or summary")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Tune's status table in place of the one-line-per-trial-event progress",
+    )
     p.set_defaults(func=_run_search)
 
 
@@ -256,7 +262,9 @@ def search_options(args: argparse.Namespace):
     opts = SearchOptions(**{k: v for k, v in given.items() if v is not None})
     opts.asha = args.asha
     opts.smoke = args.smoke
-    opts.verbose = 0 if args.quiet else 1
+    if args.quiet and args.verbose:
+        raise UserError("-q and -v: choose one")
+    opts.verbose = 0 if args.quiet else 2 if args.verbose else 1
     return opts
 
 

@@ -54,7 +54,7 @@ class SearchOptions:
     max_failures: int = 2  # retries of a failed trial, from its latest checkpoint
     smoke: bool = False
     startup_trials: int | None = None  # TPE's random trials first (default: trials // 4, 3..10)
-    verbose: int = 1  # 0: quiet, 1: Tune's progress table and the summary
+    verbose: int = 1  # 0: quiet, 1: a line per trial event and the summary, 2: Tune's table too
     # Filled by resolve() (recorded for the record and for resume):
     space_label: str | None = None  # the space as loaded (a user file: absolute path:function)
     created: str | None = None

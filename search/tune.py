@@ -21,7 +21,7 @@ before the first trial, as a UserError naming the option:
      ConcurrencyLimiter, ASHA on `epoch` (or FIFO), FailureConfig(max_failures), one checkpoint
      kept per trial; or `Tuner.restore(..., resume_errored=True)` (the searcher's history is
      restored from Tune's experiment state);
-  5. fit, with Tune's progress table; then the ranked summary, results.csv and the Optuna plots on
+  5. fit, printing one line per trial event (search/tune_progress.py; `-v`: Tune's table); then the ranked summary, results.csv and the Optuna plots on
      the parent run, and the best trial.
 
 A search stopped early (Ctrl-C, SIGUSR1) ends with `interrupted=True` and the parent run KILLED;
@@ -392,6 +392,7 @@ def _search(
             )
         if resume:
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
+            _set_output(tuner, opts, sampled)
         else:
             searcher = make_searcher(space, opts)
             callback = tracking.MLflowTrialCallback(
@@ -411,12 +412,12 @@ def _search(
                 run_config=tune.RunConfig(
                     name=opts.name,
                     storage_path=opts.storage,
-                    callbacks=[callback],
+                    callbacks=[callback, *_progress_callbacks(opts, epochs, sampled)],
                     stop=stop,
                     failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    progress_reporter=report.progress_reporter(sampled) if opts.verbose else None,
-                    verbose=1 if opts.verbose else 0,
+                    progress_reporter=report.progress_reporter(sampled) if opts.verbose >= 2 else None,
+                    verbose=1 if opts.verbose >= 2 else 0,  # Tune's table only under -v
                 ),
             )
         results = tuner.fit()
@@ -468,6 +469,34 @@ def _search(
             except Exception:
                 pass
         raise
+
+
+def _progress_callbacks(opts: SearchOptions, epochs: int, sampled: list[str]) -> list[Any]:
+    """The default progress (one line per trial event) unless -q or -v (Tune's table)."""
+    from search.tune_progress import TrialProgress
+
+    progress = TrialProgress(
+        opts.name, opts.trials, epochs, opts.concurrency or 1, sampled, opts.max_failures
+    )
+    progress.enabled = opts.verbose == 1
+    return [progress]
+
+
+def _set_output(tuner: Any, opts: SearchOptions, sampled: list[str]) -> None:
+    """A resumed search prints as asked now (-q, default, -v), not as its first run did: the
+    restored RunConfig (Tune's private copy; there is no public setter) is adjusted."""
+    from search import report
+    from search.tune_progress import TrialProgress
+
+    try:
+        rc = tuner._local_tuner.get_run_config()
+    except AttributeError:  # another Tune layout: keep what was saved
+        return
+    rc.verbose = 1 if opts.verbose >= 2 else 0
+    rc.progress_reporter = report.progress_reporter(sampled) if opts.verbose >= 2 else None
+    for cb in rc.callbacks or []:
+        if isinstance(cb, TrialProgress):
+            cb.enabled = opts.verbose == 1
 
 
 def _finish_parent(opts, parent, space, rows, best, counts, fold_epochs, interrupted, status) -> None:

@@ -58,6 +58,14 @@ def test_user_space_file_and_asha_stops_a_bad_trial(
     assert rc == 0, out
     assert "search asha finished: 1 completed, 1 pruned, 1 failed" in out
     assert "rank" in out and "weight_decay" in out  # the ranked summary with the sampled parameter
+    # The default progress: one line per trial event and a line for the search, no Tune table.
+    events = [line.split("] ", 1)[1] for line in out.splitlines() if line.startswith("[")]
+    assert sum(e.startswith("trial ") and " started (" in e for e in events) == 3, events
+    assert sum("completed 2 epochs: cv_acc_mean" in e for e in events) == 1, events
+    assert sum("pruned at epoch 1/2 (ASHA)" in e for e in events) == 1, events
+    assert sum("failed after 0 epoch(s): RuntimeError" in e for e in events) == 1, events
+    assert events[-1].startswith("search asha: 3/3 trials done (1 completed, 1 pruned, 1 failed)"), events
+    assert "Trial name" not in out and "Trial status" not in out and "Current time" not in out
 
     epochs = _trial_epochs(storage / "asha")
     assert sorted(epochs.values()) == [[], [1], [1, 2]], epochs  # stopped after epoch 1; failed at once
