@@ -229,6 +229,10 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         if config is not None:
             self._esc50_planned = getattr(self, "_esc50_planned", {})  # pickled with the searcher
             self._esc50_planned[trial_id] = config.get("epochs", TrainConfig().epochs)
+            if self._storage is not None:  # a stored study: tie its trial to Tune's (dashboard, tests)
+                from search.study import TUNE_TRIAL_ATTR
+
+                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -247,9 +251,22 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def make_searcher(space: Any, opts: SearchOptions):
-    """OptunaSearch over the define-by-run `space`, telling Optuna which trials ASHA stopped early."""
-    return EarlyStopAwareOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=make_sampler(opts))
+def make_searcher(space: Any, opts: SearchOptions, attrs: dict[str, str] | None = None):
+    """OptunaSearch over the define-by-run `space`, telling Optuna which trials ASHA stopped early;
+    its study is stored at `opts.optuna_storage` (search/study.py), with `attrs` on it, if set."""
+    kwargs: dict[str, Any] = {}
+    if opts.optuna_storage:
+        from search import study
+
+        storage = study.open_storage(opts.optuna_storage)
+        study.fresh(storage, opts.name)
+        kwargs = {"storage": storage, "study_name": opts.name}
+    searcher = EarlyStopAwareOptunaSearch(
+        space=space, metric=METRIC, mode=MODE, sampler=make_sampler(opts), **kwargs
+    )
+    for k, v in (attrs or {}).items() if kwargs else ():
+        searcher._ot_study.set_user_attr(k, v)
+    return searcher
 
 
 def max_epochs(opts: SearchOptions, samples: list[Any]) -> int:
@@ -306,6 +323,10 @@ def run_search(opts: SearchOptions, resume: bool = False, data: Any = None, stop
         )
     _check_shards(opts)
     store.check_tracking(opts.tracking_uri)
+    if opts.optuna_storage:  # older saved options have none: the study is in memory
+        from search.study import open_storage
+
+        open_storage(opts.optuna_storage)
 
     # 2. Ray
     import ray
@@ -394,7 +415,9 @@ def _search(
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
             _set_output(tuner, opts, sampled)
         else:
-            searcher = make_searcher(space, opts)
+            searcher = make_searcher(
+                space, opts, {"mlflow_run_id": parent.run_id, "mlflow_tracking_uri": opts.tracking_uri}
+            )
             callback = tracking.MLflowTrialCallback(
                 opts.tracking_uri, parent.experiment_id, opts.name, parent.run_id, opts.folds, sampled
             )
@@ -530,7 +553,10 @@ def _finish_parent(opts, parent, space, rows, best, counts, fold_epochs, interru
         ]
         if not interrupted and rows:
             try:
-                study = report.optuna_study(space, rows)
+                from search.study import load
+
+                # the search's own study when it was stored; else one rebuilt from Tune's results
+                study = load(opts.optuna_storage, opts.name) or report.optuna_study(space, rows)
                 files, skipped = report.write_plots(study, os.path.join(d, "plots"))
                 artifacts += [(f, "plots") for f in files]
                 if skipped:

@@ -1,4 +1,5 @@
-"""`esc50 ui`: the MLflow UI on 127.0.0.1 over the same store the searches log to.
+"""`esc50 ui`: the MLflow UI on 127.0.0.1 over the same store the searches log to; `esc50
+dashboard`: optuna-dashboard on 127.0.0.1 over the searches' Optuna studies (search/study.py).
 
 Light enough for a laptop: one server worker, bound to loopback. The store is the one `esc50
 search` uses by default ($MLFLOW_TRACKING_URI, else ./mlflow.db), with its local artifacts.
@@ -46,10 +47,58 @@ def run_ui(uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") ->
     if uri.startswith(("http://", "https://", "databricks")):
         raise UserError(f"--tracking-uri {uri}: that is a server already: open it in a browser")
     check_tracking(uri)
+    mark_search_experiments(uri)
     if not _port_free(host, int(port)):
         raise UserError(f"--port {port}: something already listens on {host}:{port}; choose another --port")
-    cmd = ui_command(uri, int(port), host)
     print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    return _serve(ui_command(uri, int(port), host))
+
+
+def mark_search_experiments(uri: str) -> None:
+    """Experiments holding searches that predate the training-kind tag get it (store.mark_training),
+    so the UI opens them on the runs table."""
+    from search.store import TAG_ROLE, client, mark_training
+
+    c = client(uri)
+    for exp in c.search_experiments():
+        if c.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'search'", max_results=1):
+            mark_training(c, exp)
+
+
+def dashboard_command(url: str, port: int = 8080, host: str = "127.0.0.1") -> list[str]:
+    """The `optuna-dashboard` command line for the storage `url`."""
+    exe = shutil.which("optuna-dashboard", path=os.path.dirname(sys.executable))
+    cmd = [exe] if exe else [sys.executable, "-m", "optuna_dashboard"]
+    return cmd + [url, "--host", host, "--port", str(port)]
+
+
+def run_dashboard(
+    url: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    port: int = 8080,
+    host: str = "127.0.0.1",
+) -> int:
+    """Start optuna-dashboard over the searches' study storage and wait for it (Ctrl-C stops it)."""
+    from search.options import DEFAULT_STORAGE
+    from search.study import open_storage, storage_url
+
+    url = storage_url(url, resolve_uri(tracking_uri), storage or DEFAULT_STORAGE)
+    if not url:
+        raise UserError("no Optuna storage to show: pass --optuna-storage (the URL the search used)")
+    if not (0 < int(port) < 65536):
+        raise UserError(f"--port {port}: not a TCP port")
+    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///") :]):
+        raise UserError(f"no Optuna studies at {url}: run `esc50 search` first, or pass --optuna-storage")
+    open_storage(url)
+    if not _port_free(host, int(port)):
+        raise UserError(f"--port {port}: something already listens on {host}:{port}; choose another --port")
+    print(f"Optuna dashboard for {url} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    return _serve(dashboard_command(url, int(port), host))
+
+
+def _serve(cmd: list[str]) -> int:
+    """Run a server command in its own process group until it ends, Ctrl-C or SIGTERM."""
     proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: stopping it stops its workers
 
     def _stop(signum: int, frame: object) -> None:
