@@ -10,6 +10,7 @@ neither. Picklable with plain state (Tune keeps callbacks in tuner.pkl; a resume
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from ray import tune
@@ -110,14 +111,19 @@ class TrialProgress(tune.Callback):
             self.events.ended_as(trial.trial_id, "failed", error=_error_line(trial))
 
 
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Died)\b")
+
+
 def _error_line(trial: Any) -> str | None:
     """The last line of the trial's error file (the exception), if Tune wrote one."""
     try:
         path = trial.error_file
         if path and os.path.exists(path):
             with open(path) as f:
-                lines = [x for x in f.read().strip().splitlines() if x.strip()]
-            return lines[-1][:300] if lines else None
+                lines = [x.strip() for x in f.read().strip().splitlines() if x.strip()]
+            # the exception's own line (`SomeError: ...`), not advice Ray appends after it
+            named = [x for x in lines if _EXCEPTION.match(x)]
+            return (named or lines or [""])[-1][:200] or None
     except (OSError, AttributeError):
         pass
     return None

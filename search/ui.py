@@ -50,19 +50,39 @@ def run_ui(uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") ->
     mark_search_experiments(uri)
     if not _port_free(host, int(port)):
         raise UserError(f"--port {port}: something already listens on {host}:{port}; choose another --port")
-    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
+    base = f"http://{host}:{port}"
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)", flush=True)
+    for exp_id, name in search_experiments(uri):
+        print(f"  experiment {name}, runs table: {runs_url(base, exp_id)}", flush=True)
     return _serve(ui_command(uri, int(port), host))
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table. MLflow 3.17's UI starts in its GenAI mode whatever the
+    experiment's kind (a per-browser choice, default GenAI); this link opens model training."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def search_experiments(uri: str) -> list[tuple[str, str]]:
+    """(id, name) of the experiments holding searches."""
+    from search.store import TAG_ROLE, client
+
+    c = client(uri)
+    return [
+        (e.experiment_id, e.name)
+        for e in c.search_experiments()
+        if c.search_runs([e.experiment_id], f"tags.`{TAG_ROLE}` = 'search'", max_results=1)
+    ]
 
 
 def mark_search_experiments(uri: str) -> None:
     """Experiments holding searches that predate the training-kind tag get it (store.mark_training),
     so the UI opens them on the runs table."""
-    from search.store import TAG_ROLE, client, mark_training
+    from search.store import client, mark_training
 
     c = client(uri)
-    for exp in c.search_experiments():
-        if c.search_runs([exp.experiment_id], f"tags.`{TAG_ROLE}` = 'search'", max_results=1):
-            mark_training(c, exp)
+    for exp_id, _ in search_experiments(uri):
+        mark_training(c, c.get_experiment(exp_id))
 
 
 def dashboard_command(url: str, port: int = 8080, host: str = "127.0.0.1") -> list[str]:

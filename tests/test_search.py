@@ -74,6 +74,8 @@ def test_user_space_file_and_asha_stops_a_bad_trial(
     runs = c.search_runs([c.get_experiment_by_name("esc50").experiment_id], "tags.`esc50.role` = 'trial'")
     by_trial = {r.data.tags["esc50.trial_id"]: r for r in runs}
     assert set(by_trial) == set(epochs)
+    kind = c.get_experiment_by_name("esc50").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI opens it as model training
     expect = {2: ("completed", "FINISHED"), 1: ("pruned", "KILLED"), 0: ("failed", "FAILED")}
     for tid, seen in epochs.items():
         run = by_trial[tid]
@@ -89,6 +91,20 @@ def test_user_space_file_and_asha_stops_a_bad_trial(
         "def space(trial)"
         in Path(c.download_artifacts(parent.info.run_id, "space/space.py", str(tmp_path))).read_text()
     )
+
+    # The Optuna study is stored beside mlflow.db and agrees with Tune and MLflow: the same trials,
+    # states (pruned included) and values (search/study.py).
+    import optuna
+
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert len(study.trials) == len(by_tune) == len(epochs) and set(by_tune) == set(epochs)
+    optuna_state = {"completed": "COMPLETE", "pruned": "PRUNED", "failed": "FAIL"}
+    for tid, run in by_trial.items():
+        trial, history = by_tune[tid], c.get_metric_history(run.info.run_id, "cv_acc_mean")
+        assert trial.state.name == optuna_state[run.data.tags["esc50.status"]]
+        assert trial.value == (history[-1].value if history else None)
+        assert trial.intermediate_values == {m.step: m.value for m in history}
 
 
 # ---- clear errors before anything starts -----------------------------------------------------------
