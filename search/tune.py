@@ -21,8 +21,9 @@ before the first trial, as a UserError naming the option:
      ConcurrencyLimiter, ASHA on `epoch` (or FIFO), FailureConfig(max_failures), one checkpoint
      kept per trial; or `Tuner.restore(..., resume_errored=True)` (the searcher's history is
      restored from Tune's experiment state);
-  5. fit, printing one line per trial event (search/tune_progress.py; `-v`: Tune's table); then the ranked summary, results.csv and the Optuna plots on
-     the parent run, and the best trial.
+  5. fit, printing one line per trial event (search/tune_progress.py; `-v`: Tune's table); then
+     the ranked summary, results.csv and the Optuna plots (from the stored study, search/study.py)
+     on the parent run, and the best trial.
 
 A search stopped early (Ctrl-C, SIGUSR1) ends with `interrupted=True` and the parent run KILLED;
 `esc50 search --resume NAME` goes on from Tune's saved state to exactly `trials` trials.
