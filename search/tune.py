@@ -240,6 +240,14 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         planned = getattr(self, "_esc50_planned", {}).get(trial_id)
         done = (result or {}).get("epoch")
         if error or not stopped_early(done, planned) or trial_id in self._completed_trials:
+            value = (result or {}).get(self.metric)
+            if not error and value is not None and done is not None and trial_id in self._ot_trials:
+                # the last epoch's value as an intermediate value too (Tune hands it only here), so
+                # a stored study's curves end where MLflow's do
+                try:
+                    self._ot_trials[trial_id].report(float(value), int(done))
+                except Exception:  # a step already reported (a resumed trial): keep the first
+                    pass
             return super().on_trial_complete(trial_id, result=result, error=error)
         try:
             ot_trial = self._ot_trials[trial_id]

@@ -57,10 +57,33 @@ def run_ui(uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") ->
     return _serve(ui_command(uri, int(port), host))
 
 
+# The runs table's columns are kept per browser; a shared view (an experiment tag MLflow's UI reads
+# for `viewStateShareKey`) shows the search's columns on first open, without configuration.
+VIEW_KEY = "esc50-runs"
+VIEW_COLUMNS = [
+    "metrics.`cv_acc_mean`",  # a trial's mean over the folds (its last epoch)
+    "metrics.`best_cv_acc_mean`",  # the search run's best trial
+    "metrics.`bbc_cv_acc`",  # the search's bias-corrected estimate and its interval, where logged
+    "metrics.`bbc_cv_acc_lo`",
+    "metrics.`bbc_cv_acc_hi`",
+    "tags.`esc50.status`",  # completed / pruned / failed
+    "tags.`esc50.champion`",  # the champion's version, on its trial and search runs
+    "attributes.`Models`",
+]
+
+
 def runs_url(base: str, experiment_id: str) -> str:
-    """The experiment's runs table. MLflow 3.17's UI starts in its GenAI mode whatever the
-    experiment's kind (a per-browser choice, default GenAI); this link opens model training."""
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The experiment's runs table with the search's columns. MLflow 3.17's UI starts in its GenAI
+    mode whatever the experiment's kind (a per-browser choice); this link opens model training."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+
+
+def write_runs_view(c: object, experiment_id: str) -> None:
+    """The shared view `runs_url` opens (rewritten each time: the columns may change with the code)."""
+    import json
+
+    view = {"selectedColumns": VIEW_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": False}
+    c.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
 
 
 def search_experiments(uri: str) -> list[tuple[str, str]]:
@@ -76,13 +99,14 @@ def search_experiments(uri: str) -> list[tuple[str, str]]:
 
 
 def mark_search_experiments(uri: str) -> None:
-    """Experiments holding searches that predate the training-kind tag get it (store.mark_training),
-    so the UI opens them on the runs table."""
+    """Experiments holding searches get the training-kind tag if they predate it (store.mark_training)
+    and the runs-table view `runs_url` opens."""
     from search.store import client, mark_training
 
     c = client(uri)
     for exp_id, _ in search_experiments(uri):
         mark_training(c, c.get_experiment(exp_id))
+        write_runs_view(c, exp_id)
 
 
 def dashboard_command(url: str, port: int = 8080, host: str = "127.0.0.1") -> list[str]:

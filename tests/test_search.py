@@ -197,4 +197,4 @@ def test_searcher_tells_optuna_which_trials_asha_stopped() -> None:
     s.on_trial_complete("done", {"cv_acc_mean": 0.3, "training_iteration": 4, "epoch": 4})
     s.on_trial_complete("stopped", {"cv_acc_mean": 0.05, "training_iteration": 1, "epoch": 1})
     states = [(t.state.name, t.value, t.intermediate_values) for t in s._ot_study.trials]
-    assert states == [("COMPLETE", 0.3, {1: 0.1}), ("PRUNED", 0.05, {1: 0.05})]
+    assert states == [("COMPLETE", 0.3, {1: 0.1, 4: 0.3}), ("PRUNED", 0.05, {1: 0.05})]

@@ -117,6 +117,12 @@ def test_runs_table_nests_the_trials_under_the_search(page, ui: str, promoted_st
         page.get_by_text(name, exact=True).first.wait_for()
     # the promotion's run shows the registered version in the Models column
     page.get_by_text(f"v{promoted_store['version']}", exact=True).first.wait_for()
+    # without configuring anything: the search's columns, and the champion on its runs
+    for column in ("cv_acc_mean", "esc50.status", "esc50.champion"):
+        page.get_by_text(column, exact=True).first.wait_for()
+    champion = f"esc50-cnn v{promoted_store['version']}"
+    assert page.get_by_text(champion, exact=True).count() >= 2  # the search run and the best trial
+    assert page.get_by_text("completed", exact=True).count() >= 1  # a trial's status
 
 
 def test_trial_page_charts_the_mean_and_each_fold(page, ui: str, promoted_store: dict) -> None:
