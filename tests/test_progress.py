@@ -79,7 +79,7 @@ def test_verbose_brings_back_tunes_table(
             "--storage", str(tmp_path / "runs"), "--trials", "1", "--name", "loud", "-v"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "Trial status" in out or "Trial name" in out, out  # Tune's CLIReporter table
+    assert "== Status ==" in out and "Number of trials: 1/1" in out, out  # Tune's CLIReporter
     assert " started (1/1)" not in out  # and not the event lines
 
 

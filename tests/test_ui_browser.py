@@ -93,7 +93,7 @@ def page(ui: str) -> Iterator:
             executable_path=CHROMIUM,
             headless=True,
             args=FLAGS,
-            viewport={"width": 1400, "height": 900},
+            viewport={"width": 2200, "height": 900},  # every column of the view in sight
         )
         ctx.set_default_timeout(90_000)
         try:
