@@ -364,10 +364,9 @@ def _add_main(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--source", help="ESC-50 copy or archive URL (default: $ESC50_SOURCE, else the official archive)"
     )
-    # A known-strong recipe trained once beats a search on a 2-core budget (README, "make run").
-    p.add_argument("--space", default="compact", help="search space (default compact: one fixed recipe)")
-    p.add_argument("--trials", type=int, help="trials (default 1; --smoke: 2)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default 15; --smoke: 2)")
+    p.add_argument("--space", default="cpu", help="search space (default cpu)")
+    p.add_argument("--trials", type=int, help="trials (default 4; --smoke: 2)")
+    p.add_argument("--epochs", type=int, help="epochs per trial (default 5; --smoke: 2)")
     p.add_argument("--name", help="the search's name (default main-<date>-<time>)")
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
@@ -391,8 +390,8 @@ def _run_main(args: argparse.Namespace) -> int:
         name=args.name or "main-" + time.strftime("%Y%m%d-%H%M%S"),
         space=args.space,
         # unset under --smoke: the smoke defaults fill them (search/options.py)
-        trials=args.trials if args.trials is not None or args.smoke else 1,
-        epochs=args.epochs if args.epochs is not None or args.smoke else 15,
+        trials=args.trials if args.trials is not None or args.smoke else 4,
+        epochs=args.epochs if args.epochs is not None or args.smoke else 5,
         tracking_uri=args.tracking_uri,
         gpus_per_fold=args.gpus_per_fold,
         smoke=args.smoke,

@@ -1,8 +1,8 @@
 """`esc50 main`: the whole path on embedded defaults, prepare -> search -> promote.
 
 It only strings the public steps together, so what it does is what a user would type:
-    esc50 prepare; esc50 search --space compact --trials 1 --epochs 15; ...; esc50 promote --search NAME
-The defaults are meant to fit a 2-core CPU in 15 minutes (README); on a GPU machine raise --trials/--epochs.
+    esc50 prepare; esc50 search --space cpu ...; esc50 promote --search NAME
+The defaults fit a 2-core CPU in about 15 minutes; on a GPU machine raise --trials/--epochs.
 """
 
 from __future__ import annotations

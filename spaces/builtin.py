@@ -100,7 +100,7 @@ def regularize(trial: Any) -> dict[str, Any]:
 
 
 def cpu(trial: Any) -> dict[str, Any]:
-    """Small and quick, for a CPU-only machine: a narrow CNN, short training."""
+    """Small and quick, for a CPU-only machine (`make run`): a narrow CNN, short training."""
     trial.suggest_categorical("width", [8, 12, 16])
     trial.suggest_int("depth", 3, 4)
     trial.suggest_categorical("batch_size", [32, 64])
