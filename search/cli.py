@@ -211,6 +211,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
     )
+    p.add_argument(
+        "--optuna-storage",
+        help="Optuna storage URL or SQLite file for the study, `none` for memory "
+        "(default: optuna.db beside a SQLite mlflow.db, else in --storage)",
+    )
     p.add_argument("--seed", help="seed of the sampler (default 0)")
     p.add_argument("--sampler", help="tpe (default), random or cmaes")
     p.add_argument("--no-asha", dest="asha", action="store_false", default=True, help="no early stopping")
@@ -232,7 +237,13 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         help="with --resume: go on even though the shards' fingerprint differs from the one the search "
         "started with (other audio or features)",
     )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress table or summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines or summary")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Tune's status table in place of the one-line-per-trial-event progress",
+    )
     p.set_defaults(func=_run_search)
 
 
@@ -269,13 +280,16 @@ def search_options(args: argparse.Namespace):
         "reduction_factor": _opt(args.reduction_factor, "--reduction-factor", float),
         "concurrency": _opt(args.concurrency, "--concurrency", int),
         "max_failures": _opt(args.max_failures, "--max-failures", int),
+        "optuna_storage": args.optuna_storage,
     }
     if args.resume and args.name and args.name != args.resume:
         raise UserError(f"--resume {args.resume} and --name {args.name}: name the search once")
     opts = SearchOptions(**{k: v for k, v in given.items() if v is not None})
     opts.asha = args.asha
     opts.smoke = args.smoke
-    opts.verbose = 0 if args.quiet else 1
+    if args.quiet and args.verbose:
+        raise UserError("-q and -v: choose one")
+    opts.verbose = 0 if args.quiet else 2 if args.verbose else 1
     return opts
 
 
@@ -339,6 +353,29 @@ def _run_ui(args: argparse.Namespace) -> int:
     return run_ui(args.tracking_uri, args.port)
 
 
+# ---- dashboard -------------------------------------------------------------------------------
+def _add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1 over the searches' Optuna studies")
+    p.add_argument(
+        "--optuna-storage",
+        help="Optuna storage URL or SQLite file (default: optuna.db beside the SQLite tracking store, "
+        "else in --storage)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI whose optuna.db to show (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    p.add_argument("--storage", help="Tune storage, when the tracking store is not SQLite (default ./runs)")
+    p.add_argument("--port", type=int, default=8080, help="default %(default)s")
+    p.set_defaults(func=_run_dashboard)
+
+
+def _run_dashboard(args: argparse.Namespace) -> int:
+    from search.ui import run_dashboard
+
+    return run_dashboard(args.optuna_storage, args.tracking_uri, args.storage, args.port)
+
+
 # ---- main ------------------------------------------------------------------------------------
 def _add_main(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -390,7 +427,16 @@ def _run_main(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_prepare, _add_search, _add_spaces, _add_ui, _add_promote, _add_predict, _add_main]
+COMMANDS = [
+    _add_prepare,
+    _add_search,
+    _add_spaces,
+    _add_ui,
+    _add_dashboard,
+    _add_promote,
+    _add_predict,
+    _add_main,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,7 +56,8 @@ class SearchOptions:
     max_failures: int = 2  # retries of a failed trial, from its latest checkpoint
     smoke: bool = False
     startup_trials: int | None = None  # TPE's random trials first (default: trials // 4, 3..10)
-    verbose: int = 1  # 0: quiet, 1: Tune's progress table and the summary
+    optuna_storage: str | None = None  # the study's storage URL (search/study.py; '' = in memory)
+    verbose: int = 1  # 0: quiet, 1: a line per trial event and the summary, 2: Tune's table too
     # Filled by resolve() (recorded for the record and for resume):
     space_label: str | None = None  # the space as loaded (a user file: absolute path:function)
     created: str | None = None
@@ -117,6 +118,9 @@ class SearchOptions:
         o.shards = absolute(o.shards)
         o.storage = absolute(o.storage or DEFAULT_STORAGE)
         o.tracking_uri = tracking_uri(o.tracking_uri)
+        from search.study import storage_url
+
+        o.optuna_storage = storage_url(o.optuna_storage, o.tracking_uri, o.storage)
         if o.address is not None:
             o.address = str(o.address).strip()
             if o.address in ("", "local"):

@@ -21,6 +21,11 @@ from search.store import client, hide_mlflow_notices
 DEFAULT_NAME = "esc50-cnn"
 CHAMPION, PREVIOUS = "champion", "previous"
 TAG_REPLACED = "esc50.replaced"  # on a version: the champion it replaced (for rollback)
+# On runs, for the MLflow runs table: the trial run a version was made from and its search run
+# carry `esc50.champion` = "esc50-cnn v3" while that version is champion (moved by promote and
+# rollback); the trial run keeps `esc50.registered` = "esc50-cnn v3" for good.
+TAG_CHAMPION, TAG_REGISTERED = "esc50.champion", "esc50.registered"
+TAG_TRIAL_RUN = "esc50.trial_run"  # on a version: the trial run it was made from
 
 
 def alias_version(c: Any, name: str, alias: str) -> str | None:
@@ -48,7 +53,46 @@ def register_champion(
     c.set_registered_model_alias(name, CHAMPION, version)
     if previous and previous != version:
         c.set_registered_model_alias(name, PREVIOUS, previous)
+    mark_champion_runs(c, name)
     return version, previous
+
+
+def _source_runs(c: Any, name: str, version: str) -> tuple[str | None, str | None]:
+    """(the trial run `version` was made from, that trial's search run), None where unknown."""
+    from search.store import TAG_PARENT
+
+    trial = c.get_model_version(name, version).tags.get(TAG_TRIAL_RUN)
+    if not trial:
+        return None, None
+    try:
+        return trial, c.get_run(trial).data.tags.get(TAG_PARENT)
+    except Exception:  # the run was deleted: nothing to mark
+        return None, None
+
+
+def mark_champion_runs(c: Any, name: str = DEFAULT_NAME) -> None:
+    """Put `esc50.champion` on the champion's trial and search runs and take it off every other run
+    (a courtesy for the UI: a store that cannot be tagged keeps a correct registry)."""
+    from search.store import filter_literal
+
+    try:
+        champion = alias_version(c, name, CHAMPION)
+        label = f"{name} v{champion}"
+        trial, search = _source_runs(c, name, champion) if champion else (None, None)
+        if trial:
+            c.set_tag(trial, TAG_REGISTERED, label)
+        want = {r for r in (trial, search) if r}
+        exps = [e.experiment_id for e in c.search_experiments()]
+        flt = f"tags.`{TAG_CHAMPION}` LIKE {filter_literal(name + ' v%')}"
+        for run in c.search_runs(exps, flt, max_results=1000) if exps else []:
+            if run.info.run_id not in want:
+                c.delete_tag(run.info.run_id, TAG_CHAMPION)
+        for rid in want:
+            c.set_tag(rid, TAG_CHAMPION, label)
+    except Exception as e:  # MlflowException, a run deleted meanwhile
+        import logging
+
+        logging.getLogger(__name__).warning("could not tag the champion's runs: %s", e)
 
 
 def rollback(tracking: str | None = None, name: str = DEFAULT_NAME) -> tuple[str, str | None]:
@@ -74,6 +118,7 @@ def rollback(tracking: str | None = None, name: str = DEFAULT_NAME) -> tuple[str
     else:
         before = None
         c.delete_registered_model_alias(name, PREVIOUS)
+    mark_champion_runs(c, name)
     return back, before
 
 

@@ -106,13 +106,28 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses GenAI (traces, an
+# empty "Overview"); a training experiment opens on the runs table.
+TAG_EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(c: Any, name: str, tracking_uri: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
+        mark_training(c, exp)
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+    return c.create_experiment(
+        name, artifact_location=artifact_root(tracking_uri), tags={TAG_EXPERIMENT_KIND: TRAINING_KIND}
+    )
+
+
+def mark_training(c: Any, exp: Any) -> None:
+    """Tag an experiment made before this tag existed (or by hand) as model training, once; a
+    kind a user chose is kept."""
+    if TAG_EXPERIMENT_KIND not in (exp.tags or {}):
+        c.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
 
 
 def filter_literal(value: str) -> str:

@@ -21,8 +21,9 @@ before the first trial, as a UserError naming the option:
      ConcurrencyLimiter, ASHA on `epoch` (or FIFO), FailureConfig(max_failures), one checkpoint
      kept per trial; or `Tuner.restore(..., resume_errored=True)` (the searcher's history is
      restored from Tune's experiment state);
-  5. fit, with Tune's progress table; then the ranked summary, results.csv and the Optuna plots on
-     the parent run, the best trial, and beside its cv_acc_mean the BBC-CV estimate of the
+  5. fit, printing one line per trial event (search/tune_progress.py; `-v`: Tune's table); then
+     the ranked summary, results.csv and the Optuna plots (from the stored study, search/study.py)
+     on the parent run, the best trial, and beside its cv_acc_mean the BBC-CV estimate of the
      selection from the completed trials' out-of-fold predictions (search/bbc.py; metrics
      `bbc_cv_acc`, `bbc_cv_acc_lo`, `bbc_cv_acc_hi` on the parent run).
 
@@ -309,12 +310,24 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         if config is not None:
             self._esc50_planned = getattr(self, "_esc50_planned", {})  # pickled with the searcher
             self._esc50_planned[trial_id] = config.get("epochs", TrainConfig().epochs)
+            if self._storage is not None:  # a stored study: tie its trial to Tune's (dashboard, tests)
+                from search.study import TUNE_TRIAL_ATTR
+
+                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         planned = getattr(self, "_esc50_planned", {}).get(trial_id)
         done = (result or {}).get("epoch")
         if error or not stopped_early(done, planned) or trial_id in self._completed_trials:
+            value = (result or {}).get(self.metric)
+            if not error and value is not None and done is not None and trial_id in self._ot_trials:
+                # the last epoch's value as an intermediate value too (Tune hands it only here), so
+                # a stored study's curves end where MLflow's do
+                try:
+                    self._ot_trials[trial_id].report(float(value), int(done))
+                except Exception:  # a step already reported (a resumed trial): keep the first
+                    pass
             return super().on_trial_complete(trial_id, result=result, error=error)
         try:
             ot_trial = self._ot_trials[trial_id]
@@ -327,9 +340,22 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-def make_searcher(space: Any, opts: SearchOptions):
-    """OptunaSearch over the define-by-run `space`, telling Optuna which trials ASHA stopped early."""
-    return EarlyStopAwareOptunaSearch(space=space, metric=METRIC, mode=MODE, sampler=make_sampler(opts))
+def make_searcher(space: Any, opts: SearchOptions, attrs: dict[str, str] | None = None):
+    """OptunaSearch over the define-by-run `space`, telling Optuna which trials ASHA stopped early;
+    its study is stored at `opts.optuna_storage` (search/study.py), with `attrs` on it, if set."""
+    kwargs: dict[str, Any] = {}
+    if opts.optuna_storage:
+        from search import study
+
+        storage = study.open_storage(opts.optuna_storage)
+        study.fresh(storage, opts.name)
+        kwargs = {"storage": storage, "study_name": opts.name}
+    searcher = EarlyStopAwareOptunaSearch(
+        space=space, metric=METRIC, mode=MODE, sampler=make_sampler(opts), **kwargs
+    )
+    for k, v in (attrs or {}).items() if kwargs else ():
+        searcher._ot_study.set_user_attr(k, v)
+    return searcher
 
 
 def max_epochs(opts: SearchOptions, samples: list[Any]) -> int:
@@ -391,6 +417,10 @@ def run_search(
     _check_shards(opts)
     shards = _shards_record(opts, resume, force)
     store.check_tracking(opts.tracking_uri)
+    if opts.optuna_storage:  # older saved options have none: the study is in memory
+        from search.study import open_storage
+
+        open_storage(opts.optuna_storage)
 
     # 2. Ray
     import ray
@@ -504,8 +534,11 @@ def _search(
             )
         if resume:
             tuner = tune.Tuner.restore(exp_dir, trainable, resume_unfinished=True, resume_errored=True)
+            _set_output(tuner, opts, sampled)
         else:
-            searcher = make_searcher(space, opts)
+            searcher = make_searcher(
+                space, opts, {"mlflow_run_id": parent.run_id, "mlflow_tracking_uri": opts.tracking_uri}
+            )
             callback = tracking.MLflowTrialCallback(
                 opts.tracking_uri, parent.experiment_id, opts.name, parent.run_id, opts.folds, sampled, shards
             )
@@ -523,12 +556,12 @@ def _search(
                 run_config=tune.RunConfig(
                     name=opts.name,
                     storage_path=opts.storage,
-                    callbacks=[callback],
+                    callbacks=[callback, *_progress_callbacks(opts, epochs, sampled)],
                     stop=stop,
                     failure_config=tune.FailureConfig(max_failures=opts.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints(opts.storage)),
-                    progress_reporter=report.progress_reporter(sampled) if opts.verbose else None,
-                    verbose=1 if opts.verbose else 0,
+                    progress_reporter=report.progress_reporter(sampled) if opts.verbose >= 2 else None,
+                    verbose=1 if opts.verbose >= 2 else 0,  # Tune's table only under -v
                 ),
             )
         results = tuner.fit()
@@ -603,6 +636,34 @@ def _bbc(c: Any, rows: list[Any], seed: int) -> Any:
         return None
 
 
+def _progress_callbacks(opts: SearchOptions, epochs: int, sampled: list[str]) -> list[Any]:
+    """The default progress (one line per trial event) unless -q or -v (Tune's table)."""
+    from search.tune_progress import TrialProgress
+
+    progress = TrialProgress(
+        opts.name, opts.trials, epochs, opts.concurrency or 1, sampled, opts.max_failures
+    )
+    progress.enabled = opts.verbose == 1
+    return [progress]
+
+
+def _set_output(tuner: Any, opts: SearchOptions, sampled: list[str]) -> None:
+    """A resumed search prints as asked now (-q, default, -v), not as its first run did: the
+    restored RunConfig (Tune's private copy; there is no public setter) is adjusted."""
+    from search import report
+    from search.tune_progress import TrialProgress
+
+    try:
+        rc = tuner._local_tuner.get_run_config()
+    except AttributeError:  # another Tune layout: keep what was saved
+        return
+    rc.verbose = 1 if opts.verbose >= 2 else 0
+    rc.progress_reporter = report.progress_reporter(sampled) if opts.verbose >= 2 else None
+    for cb in rc.callbacks or []:
+        if isinstance(cb, TrialProgress):
+            cb.enabled = opts.verbose == 1
+
+
 def _finish_parent(
     opts, parent, space, rows, best, counts, fold_epochs, interrupted, status, bbc=None
 ) -> None:
@@ -639,7 +700,10 @@ def _finish_parent(
         ]
         if not interrupted and rows:
             try:
-                study = report.optuna_study(space, rows)
+                from search.study import load
+
+                # the search's own study when it was stored; else one rebuilt from Tune's results
+                study = load(opts.optuna_storage, opts.name) or report.optuna_study(space, rows)
                 files, skipped = report.write_plots(study, os.path.join(d, "plots"))
                 artifacts += [(f, "plots") for f in files]
                 if skipped:

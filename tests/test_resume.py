@@ -75,6 +75,20 @@ def test_resume_after_the_driver_is_killed(
     deleted = c.search_runs([parent.info.experiment_id], "tags.`esc50.search` = 'res'", run_view_type=2)
     assert len(deleted) <= 1  # at most the run of a trial Tune never saved, deleted (not a duplicate)
 
+    # The resumed search went on in the same stored Optuna study (search/study.py): every Tune trial
+    # is there, complete, with MLflow's value. At most one more, still RUNNING: a trial the killed
+    # driver had asked Optuna for and Tune never saved (as with MLflow's deleted run above).
+    import optuna
+
+    study = optuna.load_study(study_name="res", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    done = {t.user_attrs["tune_trial_id"]: t for t in study.trials if t.state.name == "COMPLETE"}
+    assert set(done) == set(runs), (set(done), set(runs))
+    for tid, run in runs.items():
+        assert done[tid].value == pytest.approx(run.data.metrics["cv_acc_mean"])
+    assert len(study.trials) - len(done) <= 1 and all(
+        t.state.name == "RUNNING" for t in study.trials if t.state.name != "COMPLETE"
+    )
+
     # Resuming a finished search changes nothing.
     assert main(["search", "--resume", "res", *common]) == 0
     parent2, runs2 = mlflow_runs(mlflow_uri, "res")

@@ -58,6 +58,14 @@ def test_user_space_file_and_asha_stops_a_bad_trial(
     assert rc == 0, out
     assert "search asha finished: 1 completed, 1 pruned, 1 failed" in out
     assert "rank" in out and "weight_decay" in out  # the ranked summary with the sampled parameter
+    # The default progress: one line per trial event and a line for the search, no Tune table.
+    events = [line.split("] ", 1)[1] for line in out.splitlines() if line.startswith("[")]
+    assert sum(e.startswith("trial ") and " started (" in e for e in events) == 3, events
+    assert sum("completed 2 epochs: cv_acc_mean" in e for e in events) == 1, events
+    assert sum("pruned at epoch 1/2 (ASHA)" in e for e in events) == 1, events
+    assert sum("failed after 0 epoch(s): RuntimeError" in e for e in events) == 1, events
+    assert events[-1].startswith("search asha: 3/3 trials done (1 completed, 1 pruned, 1 failed)"), events
+    assert "Trial name" not in out and "Trial status" not in out and "Current time" not in out
 
     epochs = _trial_epochs(storage / "asha")
     assert sorted(epochs.values()) == [[], [1], [1, 2]], epochs  # stopped after epoch 1; failed at once
@@ -66,6 +74,8 @@ def test_user_space_file_and_asha_stops_a_bad_trial(
     runs = c.search_runs([c.get_experiment_by_name("esc50").experiment_id], "tags.`esc50.role` = 'trial'")
     by_trial = {r.data.tags["esc50.trial_id"]: r for r in runs}
     assert set(by_trial) == set(epochs)
+    kind = c.get_experiment_by_name("esc50").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI opens it as model training
     expect = {2: ("completed", "FINISHED"), 1: ("pruned", "KILLED"), 0: ("failed", "FAILED")}
     for tid, seen in epochs.items():
         run = by_trial[tid]
@@ -81,6 +91,20 @@ def test_user_space_file_and_asha_stops_a_bad_trial(
         "def space(trial)"
         in Path(c.download_artifacts(parent.info.run_id, "space/space.py", str(tmp_path))).read_text()
     )
+
+    # The Optuna study is stored beside mlflow.db and agrees with Tune and MLflow: the same trials,
+    # states (pruned included) and values (search/study.py).
+    import optuna
+
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    by_tune = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert len(study.trials) == len(by_tune) == len(epochs) and set(by_tune) == set(epochs)
+    optuna_state = {"completed": "COMPLETE", "pruned": "PRUNED", "failed": "FAIL"}
+    for tid, run in by_trial.items():
+        trial, history = by_tune[tid], c.get_metric_history(run.info.run_id, "cv_acc_mean")
+        assert trial.state.name == optuna_state[run.data.tags["esc50.status"]]
+        assert trial.value == (history[-1].value if history else None)
+        assert trial.intermediate_values == {m.step: m.value for m in history}
 
 
 # ---- clear errors before anything starts -----------------------------------------------------------
@@ -200,4 +224,4 @@ def test_searcher_tells_optuna_which_trials_asha_stopped() -> None:
     s.on_trial_complete("done", {"cv_acc_mean": 0.3, "training_iteration": 4, "epoch": 4})
     s.on_trial_complete("stopped", {"cv_acc_mean": 0.05, "training_iteration": 1, "epoch": 1})
     states = [(t.state.name, t.value, t.intermediate_values) for t in s._ot_study.trials]
-    assert states == [("COMPLETE", 0.3, {1: 0.1}), ("PRUNED", 0.05, {1: 0.05})]
+    assert states == [("COMPLETE", 0.3, {1: 0.1, 4: 0.3}), ("PRUNED", 0.05, {1: 0.05})]
