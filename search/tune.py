@@ -316,6 +316,16 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
                 self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return config
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            super().on_trial_result(trial_id, result)
+        except UpdateFinishedTrialError:
+            # A stored study can be ahead of Tune's saved state: after a killed driver, Tune
+            # replays a trial the study already saw finish. Its first record stands.
+            pass
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         planned = getattr(self, "_esc50_planned", {}).get(trial_id)
         done = (result or {}).get("epoch")

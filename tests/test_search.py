@@ -225,3 +225,23 @@ def test_searcher_tells_optuna_which_trials_asha_stopped() -> None:
     s.on_trial_complete("stopped", {"cv_acc_mean": 0.05, "training_iteration": 1, "epoch": 1})
     states = [(t.state.name, t.value, t.intermediate_values) for t in s._ot_study.trials]
     assert states == [("COMPLETE", 0.3, {1: 0.1, 4: 0.3}), ("PRUNED", 0.05, {1: 0.05})]
+
+
+def test_stored_study_ignores_a_replayed_result_of_a_finished_trial(tmp_path: Path) -> None:
+    """After a killed driver, Tune's saved state can lag the stored study: the resumed search
+    replays results of a trial the study already saw complete. The first record stands."""
+    from search.options import SearchOptions
+    from search.tune import make_searcher
+    from spaces import load_space
+
+    opts = SearchOptions(
+        name="replay", space="regularize", optuna_storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    )
+    s = make_searcher(load_space("regularize", {"epochs": 2}), opts)
+    s.suggest("t1")
+    s.on_trial_result("t1", {"cv_acc_mean": 0.1, "training_iteration": 1, "epoch": 1})
+    s.on_trial_complete("t1", {"cv_acc_mean": 0.3, "training_iteration": 2, "epoch": 2})
+    s._completed_trials.discard("t1")  # as Tune restores it: the searcher state saved before the end
+    s.on_trial_result("t1", {"cv_acc_mean": 0.9, "training_iteration": 3, "epoch": 2})  # replayed, a step on
+    (t,) = s._ot_study.trials
+    assert (t.state.name, t.value, t.intermediate_values) == ("COMPLETE", 0.3, {1: 0.1, 2: 0.3})
