@@ -79,7 +79,7 @@ def test_fold_worker_states_resume_in_a_packed_worker_and_back(ray_session: None
     from trainable.fold_worker import FoldWorker
     from trainable.packed_worker import PackedFoldWorker
 
-    cfg = {**SMOKE, "epochs": 3}
+    cfg = {**SMOKE, "epochs": 3, "bf16": False}  # float32: the layouts agree up to float rounding
     shared = share_data(tiny_shards)
     alone = {k: FoldWorker.remote(shared.arrays, k, cfg) for k in (1, 2)}
     packed = PackedFoldWorker.remote(shared.arrays, [1, 2], cfg)

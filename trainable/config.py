@@ -47,7 +47,8 @@ class TrainConfig:
       0 = full clip), eval_crops (evaluation: 0 = the full clip, k >= 1 = mean of k evenly spaced
       crops of crop_frames).
     Runtime
-      seed (fold f uses seed + f), device (auto | cpu | cuda), bf16 (autocast on GPU only),
+      seed (fold f uses seed + f), device (auto | cpu | cuda), bf16 (bf16 autocast where it is fast:
+      on GPU, and for training steps on a CPU with AMX bf16 tiles; see `fold.bf16_is_fast`),
       channels_last (memory format of model and batches; on CPU too, where oneDNN convolutions
       measured 2.4x faster with it).
     """
