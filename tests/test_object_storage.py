@@ -19,7 +19,7 @@ import pytest
 
 from search.promote import promote
 from search.store import client
-from tests.test_tracking import mlflow_runs
+from tests.fixtures.records import mlflow_runs, trial_statuses
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 OUTAGE_S = 20
@@ -34,14 +34,6 @@ def _driver(s3, uri: str, tmp_path: Path, *argv: str, log: str = "driver.log") -
     cmd = [sys.executable, "-m", "search", "search", *argv, "--tracking-uri", uri]
     cmd += ["--address", ray.get_runtime_context().gcs_address, "-q"]
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-
-
-def _statuses(uri: str, search: str) -> dict[str, str]:
-    try:
-        _, runs = mlflow_runs(uri, search)
-    except (AttributeError, AssertionError, IndexError):  # no experiment / parent yet
-        return {}
-    return {tid: r.data.tags.get("esc50.status", "") for tid, r in runs.items()}
 
 
 def _wait(proc: subprocess.Popen, timeout: float, log: Path) -> int:
@@ -104,7 +96,7 @@ def test_prepare_search_kill_resume_and_promote_on_s3(
     driver = _driver(s3_server, mlflow_uri, tmp_path, *argv, "--shards", s3_shards, "--storage", storage)
     try:
         deadline = time.monotonic() + 240
-        while "completed" not in _statuses(mlflow_uri, "s3res").values():
+        while "completed" not in trial_statuses(mlflow_uri, "s3res").values():
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.3)
@@ -143,7 +135,7 @@ def test_search_survives_its_s3_server_stopping_for_20_s(
     log = tmp_path / "driver.log"
     try:
         deadline = time.monotonic() + 240
-        while "running" not in _statuses(mlflow_uri, "s3fault").values():
+        while "running" not in trial_statuses(mlflow_uri, "s3fault").values():
             assert driver.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)

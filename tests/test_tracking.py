@@ -15,6 +15,7 @@ import pytest
 from search.options import SearchOptions
 from search.store import check_tracking, client, experiment_id
 from search.tracking import MLflowTrialCallback, open_search_run
+from tests.fixtures.records import mlflow_runs
 from trainable.config import TrainConfig
 
 
@@ -25,21 +26,6 @@ def tune_records(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
         lines = (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []
         out[d.name.removeprefix("trial_")] = [json.loads(x) for x in lines if x.strip()]
     return out
-
-
-def mlflow_runs(uri: str, search: str, experiment: str = "esc50") -> tuple[Any, dict[str, Any]]:
-    """(the search's parent run, {trial id: child run}); asserts there is one run per trial and search."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment).experiment_id
-    parents = c.search_runs([exp], f"tags.`esc50.role` = 'search' AND tags.`esc50.search` = '{search}'")
-    assert len(parents) == 1, [p.info.run_id for p in parents]
-    children = c.search_runs([exp], f"tags.`esc50.role` = 'trial' AND tags.`esc50.search` = '{search}'")
-    by_trial: dict[str, Any] = {}
-    for r in children:
-        tid = r.data.tags["esc50.trial_id"]
-        assert tid not in by_trial, f"two MLflow runs for trial {tid}"
-        by_trial[tid] = r
-    return parents[0], by_trial
 
 
 def assert_agree(
