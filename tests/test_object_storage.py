@@ -19,7 +19,7 @@ import pytest
 
 from search.promote import promote
 from search.store import client
-from tests.fixtures.records import mlflow_runs, trial_statuses
+from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 OUTAGE_S = 20
@@ -30,6 +30,7 @@ def _driver(s3, uri: str, tmp_path: Path, *argv: str, log: str = "driver.log") -
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(s3.env)
+    create_store(uri)  # before the driver does, not at once with the polling of trial_statuses
     out = open(tmp_path / log, "a")
     cmd = [sys.executable, "-m", "search", "search", *argv, "--tracking-uri", uri]
     cmd += ["--address", ray.get_runtime_context().gcs_address, "-q"]

@@ -13,7 +13,7 @@ import pytest
 
 from search.cli import main
 from search.store import client
-from tests.fixtures.records import mlflow_runs, trial_statuses
+from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
 from tests.test_tracking import assert_agree
 
 TRIALS = 3
@@ -33,6 +33,7 @@ def test_resume_after_the_driver_is_killed(
         "--address", ray.get_runtime_context().gcs_address, *common,
     ]  # fmt: skip
     log = tmp_path / "driver.log"
+    create_store(mlflow_uri)  # not at once by the driver and the polling below
     with open(log, "w") as out:
         driver = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ)
