@@ -66,22 +66,25 @@ def _check_search(uri: str, name: str, trials: int, s3, bucket: str) -> dict:
     return runs
 
 
-@pytest.fixture
-def bucket(s3_server, request) -> str:
-    name = f"esc50-{request.node.name[:30].lower().replace('_', '-')}-{os.getpid()}"
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    """One bucket for the module: each search keeps to its own prefix (tune/<name>/)."""
+    name = f"esc50-object-storage-{os.getpid()}"
     s3_server.client().create_bucket(Bucket=name)
     return name
 
 
-@pytest.fixture
-def s3_shards(s3_server, bucket: str, esc50_tree: Path, tiny_params, monkeypatch) -> str:
-    """`esc50 prepare --out s3://...`, in this process, with the AWS variables set."""
+@pytest.fixture(scope="module")
+def s3_shards(s3_server, bucket: str, esc50_tree: Path, tiny_params) -> str:
+    """`esc50 prepare --out s3://...`, in this process, with the AWS variables set; once for the
+    module (the searches only read the shards)."""
     from search.prepare import prepare
 
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
-    uri = f"s3://{bucket}/shards"
-    prepare(str(esc50_tree), uri, tiny_params, workers=1, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env.items():
+            mp.setenv(k, v)
+        uri = f"s3://{bucket}/shards"
+        prepare(str(esc50_tree), uri, tiny_params, workers=1, progress=False)
     return uri
 
 

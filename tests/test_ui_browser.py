@@ -66,7 +66,7 @@ def ui(promoted_store: dict) -> Iterator[str]:
             except OSError:
                 assert proc.poll() is None, proc.stdout.read().decode()
                 assert time.monotonic() < deadline, "esc50 ui did not answer"
-                time.sleep(1)
+                time.sleep(0.25)
         yield base
     finally:
         proc.terminate()  # esc50 ui stops the server's process group on SIGTERM
