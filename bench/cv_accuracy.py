@@ -7,6 +7,7 @@ so that partial results survive an interrupted run.
     python bench/cv_accuracy.py --shards data/shards/<id> --preset compact
     python bench/cv_accuracy.py --shards data/shards/<id> --config my.json --folds 5 --set epochs=10
     python bench/cv_accuracy.py --merge bench/results/cv_a.json bench/results/cv_b.json  # disjoint folds
+    python bench/cv_accuracy.py --shards <tiny shards> --preset smoke --folds 1,2 --out x.json  # smoke
     nohup python bench/cv_accuracy.py --shards ... --preset compact > bench/results/cv.log 2>&1 &
 
 `--shards` defaults to the path in .team/REAL_SHARDS.txt when that file exists.
@@ -50,7 +51,7 @@ def parse_value(v: str):
         return v
 
 
-def merge(paths: list[str], name: str | None) -> None:
+def merge(paths: list[str], name: str | None, out: str | None = None) -> Path:
     """One result from runs of the same config over disjoint folds (e.g. two processes)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     config = runs[0]["config"]
@@ -75,15 +76,16 @@ def merge(paths: list[str], name: str | None) -> None:
         "complete": all(len(f["history"]) == config["epochs"] for f in folds.values()),
         "compute_seconds": sum(f["seconds"] for f in folds.values()),
     }
-    out = RESULTS / f"cv_{name}.json"
+    out = Path(out) if out else RESULTS / f"cv_{name}.json"
     out.write_text(json.dumps(result, indent=1))
     print("per-fold accuracy: " + "  ".join(f"{k}: {v['val_acc']:.4f}" for k, v in result["folds"].items()))
     print(
         f"mean accuracy over {len(accs)} folds: {result['mean_acc']:.4f} (std {result['std_acc']:.4f}); result: {out}"
     )
+    return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--merge", nargs="+", metavar="RESULT_JSON", help="combine results of disjoint folds")
     ap.add_argument("--shards", default=default_shards(), help="prepared dataset (data/shards/<id>)")
@@ -95,9 +97,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None, help="override the config's device")
     ap.add_argument("--name", default=None, help="result file name stem (default: the preset/config name)")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="result JSON (default bench/results/cv_<name>_<time>.json)")
+    args = ap.parse_args(argv)
     if args.merge:
-        merge(args.merge, args.name)
+        merge(args.merge, args.name, args.out)
         return
     if not args.shards:
         ap.error("--shards is required (no .team/REAL_SHARDS.txt)")
@@ -129,9 +132,9 @@ def main() -> None:
     print(f"config {name}: {config.to_json()}")
     print(f"parameters: {count_parameters(build_model(config, n_mels)):,}", flush=True)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"cv_{name}_{stamp}.json"
+    out = Path(args.out) if args.out else RESULTS / f"cv_{name}_{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "name": name,
         "config": config.to_dict(),
@@ -162,6 +165,9 @@ def main() -> None:
             "best_val_acc": max(h["val_acc"] for h in history),
             "seconds": sum(secs),
             "median_epoch_seconds": statistics.median(secs),
+            # what the fold trained and was scored on: its own clips only, never a training clip
+            "train_clips": int((~val).sum()),
+            "val_clips": int(val.sum()),
             "history": history,
         }
         accs = [f["val_acc"] for f in result["folds"].values()]

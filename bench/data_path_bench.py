@@ -13,8 +13,10 @@ Also measured: the split of one training step (compact preset, CPU) into data (i
 augment), forward+backward, and optimizer+LR step; the goal is < 5% outside forward/backward.
 
     python bench/data_path_bench.py [--shards data/shards/<id>] [--clips 384] [--device cpu]
+        [--source ESC-50 copy] [--batches 200] [--set KEY=VALUE] [--seed-workers 0,2] [--out FILE]
 
-Prints the machine, medians over repeats, and the ratio; writes bench/results/data_path_<time>.json.
+Prints the machine, medians over repeats, and the ratio; writes bench/results/data_path_<time>.json
+(or --out). What each path delivered (clips, batch shape) is recorded beside its rate.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from trainable.fold import FoldTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-ESC50 = Path(os.environ.get("ESC50_SOURCE", "/work/shared/esc50"))
+ESC50 = Path(os.environ.get("ESC50_SOURCE", "/work/shared/esc50"))  # default of --source
 
 
 # ---- the seed's data path ----------------------------------------------------------------------
@@ -70,26 +72,30 @@ class SeedDataset(torch.utils.data.Dataset):
         return self.mel(wave)[0].unsqueeze(0), self.labels[i]
 
 
-def esc50_files(n: int) -> tuple[list[Path], list[int]]:
-    rows = list(csv.DictReader(open(ESC50 / "meta" / "esc50.csv")))[:n]
+def esc50_files(n: int, source: Path = ESC50) -> tuple[list[Path], list[int]]:
+    rows = list(csv.DictReader(open(source / "meta" / "esc50.csv")))[:n]
     files = []
     for r in rows:
         stem = r["filename"].rsplit(".", 1)[0]
-        found = [p for p in (ESC50 / "audio" / f"{stem}{e}" for e in (".wav", ".ogg", ".flac")) if p.exists()]
+        found = [
+            p for p in (source / "audio" / f"{stem}{e}" for e in (".wav", ".ogg", ".flac")) if p.exists()
+        ]
         files.append(found[0])
     return files, [int(r["target"]) for r in rows]
 
 
-def seed_clips_per_second(files, labels, workers: int, batch: int = 128) -> float:
+def seed_clips_per_second(files, labels, workers: int, batch: int = 128) -> tuple[float, int, list[int]]:
+    """Clips per second of the seed's loader, the clips it delivered and the shape of a batch."""
     ds = SeedDataset(files, labels, FeatureParams.seed())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=False
     )
     t0 = time.perf_counter()
-    n = 0
+    n, shape = 0, []
     for x, _ in loader:
         n += len(x)
-    return n / (time.perf_counter() - t0)
+        shape = list(x.shape)
+    return n / (time.perf_counter() - t0), n, shape
 
 
 # ---- ours ----------------------------------------------------------------------------------------
@@ -100,8 +106,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def our_clips_per_second(trainer: FoldTrainer, batches: int) -> float:
-    """Batches ready for the step (on the device, augmented) per second, over `batches` batches."""
+def our_clips_per_second(trainer: FoldTrainer, batches: int) -> tuple[float, int, list[int]]:
+    """Clips per second in batches ready for the step (on the device, augmented), over `batches`
+    batches; the clips delivered and the shape of a batch."""
     bs, n = trainer.config.batch_size, len(trainer.x_train)
     sync(trainer.device)
     t0 = time.perf_counter()
@@ -112,7 +119,7 @@ def our_clips_per_second(trainer: FoldTrainer, batches: int) -> float:
         x, _ = trainer.batch(order[j : j + bs])
         delivered += x.shape[0]
     sync(trainer.device)
-    return delivered / (time.perf_counter() - t0)
+    return delivered / (time.perf_counter() - t0), delivered, list(x.shape)
 
 
 def step_split(trainer: FoldTrainer, steps: int) -> dict[str, float]:
@@ -166,7 +173,7 @@ def load_features(shards: str | None, n_fallback: int) -> tuple[torch.Tensor, to
     return x, torch.tensor(labels), f"{len(files)} clips computed here with LogMel (no shards)"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     f = ROOT / ".team" / "REAL_SHARDS.txt"
     ap.add_argument("--shards", default=f.read_text().strip() if f.exists() else None)
@@ -175,33 +182,47 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--preset", default="compact")
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    ap.add_argument("--source", type=Path, default=ESC50, help="an ESC-50 copy for the seed path")
+    ap.add_argument("--batches", type=int, default=200, help="our batches per repeat")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset key")
+    ap.add_argument(
+        "--seed-workers", default="0,2", help="DataLoader workers of the seed path, each measured"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="result JSON (default bench/results/data_path_<time>.json)"
+    )
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     info = machine()
     print(f"machine: {json.dumps(info)}")
-    files, labels = esc50_files(args.clips)
+    files, labels = esc50_files(args.clips, args.source)
     x, y, source = load_features(args.shards, args.clips)
-    print(f"seed path: {len(files)} audio files from {ESC50}; ours: {source}, {tuple(x.shape)} {x.dtype}")
+    print(
+        f"seed path: {len(files)} audio files from {args.source}; ours: {source}, {tuple(x.shape)} {x.dtype}"
+    )
 
-    config = TrainConfig.preset(args.preset, device=args.device)
+    overrides = {k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.set)}
+    config = TrainConfig.preset(args.preset, device=args.device, **overrides)
     n_val = 8
     trainer = FoldTrainer(config, x, y, x[:n_val], y[:n_val], fold=0)
     print(f"our batches: preset {args.preset} on {trainer.device}, batch {config.batch_size}")
 
-    seed = {0: [], 2: []}
+    seed: dict[int, list[float]] = {int(w): [] for w in args.seed_workers.split(",")}
     ours = []
-    our_batches = 200
+    our_batches = args.batches
+    delivered: dict[str, list] = {}  # what each path handed over: clips and a batch's shape
     our_clips_per_second(trainer, 10)  # warm-up
     for r in range(args.repeats):  # interleaved, so load changes hit both paths alike
         for w in seed:
-            seed[w].append(seed_clips_per_second(files, labels, w))
-        ours.append(our_clips_per_second(trainer, our_batches))
-        print(
-            f"repeat {r + 1}: seed workers=0 {seed[0][-1]:.0f} clips/s, workers=2 {seed[2][-1]:.0f} clips/s, "
-            f"ours {ours[-1]:.0f} clips/s",
-            flush=True,
-        )
+            rate, n, shape = seed_clips_per_second(files, labels, w)
+            seed[w].append(rate)
+            delivered[f"seed_workers_{w}"] = [n, shape]
+        rate, n, shape = our_clips_per_second(trainer, our_batches)
+        ours.append(rate)
+        delivered["ours"] = [n, shape]
+        seeds = ", ".join(f"workers={w} {v[-1]:.0f} clips/s" for w, v in seed.items())
+        print(f"repeat {r + 1}: seed {seeds}, ours {ours[-1]:.0f} clips/s", flush=True)
     seed_med = {w: statistics.median(v) for w, v in seed.items()}
     base_w = max(seed_med, key=seed_med.get)
     base = seed_med[base_w]
@@ -217,15 +238,16 @@ def main() -> None:
         "seed_baseline_workers": base_w,
         "ours_clips_per_s": our_med,
         "ratio": ratio,
+        "delivered": {k: {"clips": v[0], "batch_shape": v[1]} for k, v in delivered.items()},
+        "our_batches": our_batches,
+        "batch_size": config.batch_size,
         "step_split": split,
         "repeats": args.repeats,
         "seed_clips": len(files),
         "source": source,
     }
-    print(
-        f"seed data path (median of {args.repeats}): workers=0 {seed_med[0]:.0f} clips/s, "
-        f"workers=2 {seed_med[2]:.0f} clips/s -> baseline {base:.0f} clips/s"
-    )
+    seeds = ", ".join(f"workers={w} {v:.0f} clips/s" for w, v in seed_med.items())
+    print(f"seed data path (median of {args.repeats}): {seeds} -> baseline {base:.0f} clips/s")
     print(f"our data path (median of {args.repeats}): {our_med:.0f} clips/s on {trainer.device}")
     print(f"ratio: {ratio:.0f}x (goal >= 100x)")
     print(
@@ -234,8 +256,8 @@ def main() -> None:
         f"data {100 * split['data_fraction']:.1f}% of the step, outside forward/backward "
         f"{100 * split['outside_forward_backward_fraction']:.1f}% (goal < 5%)"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"data_path_{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out = args.out or RESULTS / f"data_path_{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"result: {out}")
 

@@ -20,7 +20,8 @@ from the offline bundle first (that script's header has the exact device-tool co
      (at most --search-minutes); trials completed/pruned/failed (MLflow) per hour, and the GPU's
      busy fraction sampled every 0.5 s with nvidia-smi during steps 3 and 4 (goal: >= 80%).
 
-Each step gets what is left of `--budget` seconds (a step that would not fit is recorded as
+`--ray-address host:port` runs steps 2 and 4 on that running Ray instead of starting one each; step
+3 always starts its own (its time is a user's `esc50 search` on a fresh machine). Each step gets what is left of `--budget` seconds (a step that would not fit is recorded as
 skipped), and the JSON is rewritten after every step, so a run cut short keeps what it measured.
 --smoke: on CPU with tiny settings (what tests/test_gpu_bench.py runs): the same steps and fields.
 """
@@ -202,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         "--commit", default=None, help="the commit measured (default: git, else data/carry/COMMIT)"
     )
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model and data: checks the script itself")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="run the layouts and the ASHA search on this running Ray (host:port) instead of starting "
+        "one each; the full trial still starts its own, as `esc50 search` on a fresh machine does. "
+        "The smoke test passes its session's (two Ray start-ups fewer)",
+    )
     args = p.parse_args(argv)
     t_start = time.perf_counter()
     skip = {s for s in args.skip.split(",") if s}
@@ -280,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             # start-up (Ray, the first trial) before the timed minutes, shutdown after them
             minutes = min(args.search_minutes, (left() - (60 if args.smoke else 75)) / 60)
             s_args = ["search", "--space", "default", "--name", "asha", "-q", *search_args]
+            s_args += ["--address", args.ray_address] if args.ray_address else []
             s_args += (
                 ["--smoke", "--trials", "50", "--concurrency", "2"]
                 if args.smoke
@@ -345,14 +354,17 @@ def layouts(args: argparse.Namespace, gpu: bool) -> dict[str, Any]:
     if gpu:
         torch.cuda.empty_cache()
     folds = (1, 2, 3, 4, 5)
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, 6),
-        num_gpus=1 if gpu else 0,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _system_config={"worker_niceness": 0},
-    )
+    if args.ray_address:
+        ray.init(address=args.ray_address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, 6),
+            num_gpus=1 if gpu else 0,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            _system_config={"worker_niceness": 0},
+        )
     try:
         shared = share_data(data, folds)
         cpus = 1.0 if gpu else 0.4

@@ -10,6 +10,8 @@ time are reported. Ray is started and the data shared once, as a search does.
     python bench/layout_bench.py [--shards URI] [--clips-per-fold 80] [--epochs 3] [--repeats 3]
         [--cpus-per-fold 1.0] [--smoke] [--out FILE]
 
+Called in a process already connected to Ray (tests/test_bench_layout.py), it uses that Ray.
+
 Without --shards the data are synthetic (random dB values of the product's feature shape; timing
 does not depend on the values). `--clips-per-fold` takes the first clips of every fold, to keep
 the run short on a shared 2-core machine. Writes bench/results/cpu_layout_<time>.json (or --out).
@@ -100,6 +102,17 @@ def load_data(shards: str | None, clips_per_fold: int, n_mels: int = 64, frames:
 # ---- through Tune: one trial -------------------------------------------------------------------
 
 
+def fold_actors() -> dict[str, str]:
+    """Actor id -> class of every fold actor this Ray has seen (the GCS keeps finished ones), so
+    a run can show which layout really trained it."""
+    from ray._private.state import state
+
+    classes = ("FoldWorker", "PackedFoldWorker")
+    return {
+        k: a["ActorClassName"] for k, a in state.actor_table(None).items() if a["ActorClassName"] in classes
+    }
+
+
 def tune_trial(
     shared: Any,
     folds: tuple[int, ...],
@@ -116,6 +129,7 @@ def tune_trial(
     trainable = make_trainable(
         shared, folds=folds, cpus_per_fold=cpus_per_fold, gpus_per_fold=gpus_per_fold, layout=layout
     )
+    before = fold_actors()
     with tempfile.TemporaryDirectory(prefix="layout_bench_") as d:
         t0 = time.perf_counter()
         results = tune.Tuner(
@@ -132,8 +146,11 @@ def tune_trial(
         if results.errors:
             raise RuntimeError(f"layout {layout}: the trial failed: {results.errors[0]}")
         history = results[0].metrics_dataframe
+        started = [cls for k, cls in fold_actors().items() if k not in before]
         return {
             "layout": layout,
+            # the fold actors this trial started, by class: one per fold, or one packed for all
+            "actors": {cls: started.count(cls) for cls in sorted(set(started))},
             "trial_seconds": wall,
             "epoch_seconds": [float(s) for s in history["epoch_seconds"]],
             "epochs": int(history["epoch"].iloc[-1]),
@@ -256,14 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         64 if args.smoke else 216,
     )
     repeats = 1 if args.smoke else args.repeats
-    command = [sys.executable, *sys.argv]
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(len(folds) * args.cpus_per_fold + 1)),
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        _system_config={"worker_niceness": 0},
-    )
+    command = [sys.executable, *sys.argv] if argv is None else ["bench/layout_bench.py", *argv]
+    own_ray = not ray.is_initialized()  # in-process callers (the smoke test) bring their Ray
+    if own_ray:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(len(folds) * args.cpus_per_fold + 1)),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            _system_config={"worker_niceness": 0},
+        )
     try:
         shared = share_data(data, folds)
         runs = []
@@ -276,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(run), flush=True)
         info = machine(ray=ray.__version__)
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
 
     def median(layout: str, key: str) -> float:
         vals = [r[key] for r in runs if r["layout"] == layout]

@@ -1,6 +1,6 @@
 """Benchmark `esc50 prepare` and the shard reader on a real ESC-50 copy (2000 clips).
 
-    python bench/prepare_bench.py [--source ../shared/esc50] [--repeats 3]
+    python bench/prepare_bench.py [--source ../shared/esc50] [--repeats 3] [--loads 7] [--out FILE]
 
 Measures, in one run on this machine (other jobs may share the CPU: medians, and ratios against a
 baseline measured in the same run, interleaved with ours):
@@ -9,7 +9,8 @@ baseline measured in the same run, interleaved with ours):
     clip), and decoding alone over 2 processes, which bounds what any pipeline can do;
   * load time of all 5 shards into one tensor (median of several);
   * bytes per clip for each storage dtype, and the cost of other feature settings (--sweep).
-Writes bench/results/prepare_bench.json.
+Every arm reports how many clips it processed (`clips_processed`). Writes
+bench/results/prepare_bench.json (or --out).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BASELINE_RATE, BASELINE_MELS = 22050, 64
+CLIPS_DONE = "clips done: "  # a child's last line: how many clips it really processed
 
 
 # ---- the baseline: what one would write without this project -------------------------------------
@@ -65,9 +67,12 @@ def run_ours(source: str, out: str) -> None:
     from multiprocessing import forkserver
 
     from search.cli import main
+    from trainable.shards import load_shards
 
     rc = main(["prepare", "--source", source, "--out", out])
     forkserver._forkserver._stop()  # waits for it: its reaped workers' rusage reaches our parent
+    if rc == 0:
+        print(f"{CLIPS_DONE}{len(load_shards(out))}", flush=True)  # read back: what was written
     sys.exit(rc)
 
 
@@ -82,19 +87,25 @@ def run_pool(kind: str, source: str) -> None:
     by_stem = {p.stem: str(p) for p in audio.iterdir()}
     paths = [by_stem[Path(f).stem] for f in meta["filename"]]
     fn = _baseline_clip if kind == "baseline" else _decode_clip
-    with mp.get_context("spawn").Pool(2, initializer=_worker_init) as pool:
+    init = _worker_init if kind == "baseline" else None  # decoding alone needs no torch
+    with mp.get_context("spawn").Pool(2, initializer=init) as pool:
         out = pool.map(fn, paths, chunksize=16)
     assert len(out) == len(paths)
+    print(f"{CLIPS_DONE}{sum(1 for x in out if x is not None)}", flush=True)
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (user + sys of the process tree) of one command."""
+def timed(cmd: list[str]) -> tuple[float, float, int | None]:
+    """Wall seconds and CPU seconds (user + sys of the process tree) of one command, and the clips
+    it says it processed (a `clips done: N` line; None without one)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd, check=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     wall = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    done = [int(x.removeprefix(CLIPS_DONE)) for x in proc.stdout.splitlines() if x.startswith(CLIPS_DONE)]
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), (done or [None])[-1]
 
 
 # ---- measurements ------------------------------------------------------------------------------
@@ -123,17 +134,19 @@ def machine() -> dict:
 def bench_prepare(source: str, repeats: int, tmp: Path) -> dict:
     me = [sys.executable, __file__, "--source", source]
     cmds = {
-        "ours": lambda i: [*me, "--child", "ours", "--out", str(tmp / f"run{i}")],
+        "ours": lambda i: [*me, "--child", "ours", "--child-out", str(tmp / f"run{i}")],
         "baseline": lambda i: [*me, "--child", "baseline"],
         "decode_only": lambda i: [*me, "--child", "decode"],
     }
     wall: dict[str, list[float]] = {k: [] for k in cmds}
     cpu: dict[str, list[float]] = {k: [] for k in cmds}
+    clips: dict[str, list[int | None]] = {k: [] for k in cmds}
     for i in range(repeats):  # interleaved, so a busy neighbour hurts all three alike
         for k, cmd in cmds.items():
-            w, c = timed(cmd(i))
+            w, c, n = timed(cmd(i))
             wall[k].append(w)
             cpu[k].append(c)
+            clips[k].append(n)
         print(
             f"  round {i + 1} (wall / cpu s): "
             + ", ".join(f"{k} {wall[k][-1]:.1f} / {cpu[k][-1]:.1f}" for k in cmds),
@@ -142,6 +155,7 @@ def bench_prepare(source: str, repeats: int, tmp: Path) -> dict:
     med = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {
+        "clips_processed": clips,  # per arm and round: every clip of the source, or a bug
         "wall_s": wall,
         "cpu_s": cpu,
         "median_wall_s": med,
@@ -197,6 +211,8 @@ def bench_dtypes(source: str, tmp: Path, loads: int) -> dict:
 
 def bench_sweep(source: str, tmp: Path) -> dict:
     """Prepare cost of other feature settings (one run each; accuracy is the trainable's bench)."""
+    from search.meta import read_metadata
+
     esc50 = str(Path(sys.executable).with_name("esc50"))
     settings = {
         "default 22.05k/1024/512/64": [],
@@ -207,27 +223,29 @@ def bench_sweep(source: str, tmp: Path) -> dict:
     out = {}
     for name, args in settings.items():
         uri = tmp / ("sweep-" + "".join(c if c.isalnum() else "_" for c in name))
-        secs, _ = timed([esc50, "prepare", "--source", source, "--out", str(uri), *args])
+        secs, _, _ = timed([esc50, "prepare", "--source", source, "--out", str(uri), *args])
         manifest = json.loads((uri / "_manifest.json").read_text())
-        out[name] = {"seconds": secs, "shape": manifest["shape"], "bytes_per_clip": manifest["bytes"] / 2000}
+        n = len(read_metadata(source))
+        out[name] = {"seconds": secs, "shape": manifest["shape"], "bytes_per_clip": manifest["bytes"] / n}
         print(
-            f"  {name}: {secs:.1f} s, shape {manifest['shape']}, {manifest['bytes'] / 2000 / 1e3:.1f} kB/clip",
+            f"  {name}: {secs:.1f} s, shape {manifest['shape']}, {manifest['bytes'] / n / 1e3:.1f} kB/clip",
             flush=True,
         )
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default=os.environ.get("ESC50_SOURCE", str(ROOT.parent / "shared" / "esc50")))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loads", type=int, default=7)
     ap.add_argument("--sweep", action="store_true", help="also time other feature settings")
+    ap.add_argument("--out", help="result JSON (default bench/results/prepare_bench.json)")
     ap.add_argument("--child", choices=("ours", "baseline", "decode"), help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
     if args.child == "ours":
-        run_ours(args.source, args.out)
+        run_ours(args.source, args.child_out)
     if args.child:
         run_pool(args.child, args.source)
         return
@@ -258,10 +276,10 @@ def main() -> None:
         + " (goal <= 1 s); bytes/clip: "
         + ", ".join(f"{k} {v['bytes_per_clip'] / 1e3:.1f} kB" for k, v in d.items())
     )
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "prepare_bench.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {results / 'prepare_bench.json'}")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / "prepare_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.audio",
     "tests.fixtures.services",
     "tests.fixtures.promoted",
+    "tests.fixtures.search_store",
 ]

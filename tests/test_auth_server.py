@@ -90,7 +90,7 @@ def auth_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         while _ping(url) is None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"mlflow server (basic-auth) did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(1.0)
+            time.sleep(0.25)
         yield url, password, bucket
     finally:
         if proc.poll() is None:

@@ -99,7 +99,7 @@ def test_make_trainable_rejects_bad_arguments(tiny_shards: str) -> None:
         make_trainable(tiny_shards, strategy="SIDEWAYS")
 
 
-def _tune(trainable, config: dict, tmp_path: Path, name: str, max_failures: int = 0, stop=None):
+def _tune(trainable, config: dict, tmp_path: Path, name: str, max_failures: int = 0, stop=None, callbacks=()):
     from ray import tune
 
     tuner = tune.Tuner(
@@ -111,6 +111,7 @@ def _tune(trainable, config: dict, tmp_path: Path, name: str, max_failures: int 
             storage_path=str(tmp_path / "tune"),
             failure_config=tune.FailureConfig(max_failures=max_failures),
             stop=stop,
+            callbacks=list(callbacks),
             verbose=0,
         ),
     )
@@ -180,12 +181,18 @@ def _assert_all_resources_free(timeout: float = 15.0) -> None:
 def test_killed_fold_worker_fails_the_trial_and_retry_resumes_from_checkpoint(
     ray_session: None, tiny_shards: str, tmp_path: Path
 ) -> None:
+    from search.tune_progress import TrialProgress
     from trainable.shards import load_shards
 
     marker = tmp_path / "fold2_crashed"
     # Fold 2's worker exits hard before epoch 3 on the first attempt only (the marker file).
     trainable = make_trainable(tiny_shards, folds=(1, 2), cpus_per_fold=1.0, fail_at=(2, 3, str(marker)))
-    results = _tune(trainable, {**SMOKE, "epochs": 4}, tmp_path, "retry", max_failures=1)
+    lines: list[str] = []  # the search's progress lines (search/tune_progress.py), as a search prints them
+    progress = TrialProgress("retry", 1, 4, 1, max_failures=1)
+    progress._emit = lines.append
+    results = _tune(
+        trainable, {**SMOKE, "epochs": 4}, tmp_path, "retry", max_failures=1, callbacks=[progress]
+    )
     assert marker.exists(), "the fault was not injected"
     assert not results.errors, results.errors
     result = results[0]
@@ -207,6 +214,12 @@ def test_killed_fold_worker_fails_the_trial_and_retry_resumes_from_checkpoint(
         acc = (oof["pred"][mine] == oof["label"][mine]).mean()
         assert acc == pytest.approx(result.metrics[f"fold{k}_acc"], abs=1e-6)
     assert meta["shards"] == str(Path(tiny_shards).resolve())
+    # The retry is one progress line (it was tests/test_progress.py's own retried trial).
+    events = [x.split("] ", 1)[1] for x in lines]
+    retries = [e for e in events if "failed, retry 1 of 1 from its checkpoint (epoch 2)" in e]
+    assert len(retries) == 1, events
+    assert any(e.endswith("completed 4 epochs: cv_acc_mean " + e.rsplit(" ", 1)[-1]) for e in events), events
+    assert events[-1].startswith("search retry: 1/1 trials done (1 completed)"), events
     _assert_all_resources_free()
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from search.promote import promote
 from search.store import client
-from tests.test_tracking import mlflow_runs
+from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 OUTAGE_S = 20
@@ -30,18 +30,11 @@ def _driver(s3, uri: str, tmp_path: Path, *argv: str, log: str = "driver.log") -
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(s3.env)
+    create_store(uri)  # before the driver does, not at once with the polling of trial_statuses
     out = open(tmp_path / log, "a")
     cmd = [sys.executable, "-m", "search", "search", *argv, "--tracking-uri", uri]
     cmd += ["--address", ray.get_runtime_context().gcs_address, "-q"]
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env)
-
-
-def _statuses(uri: str, search: str) -> dict[str, str]:
-    try:
-        _, runs = mlflow_runs(uri, search)
-    except (AttributeError, AssertionError, IndexError):  # no experiment / parent yet
-        return {}
-    return {tid: r.data.tags.get("esc50.status", "") for tid, r in runs.items()}
 
 
 def _wait(proc: subprocess.Popen, timeout: float, log: Path) -> int:
@@ -73,22 +66,25 @@ def _check_search(uri: str, name: str, trials: int, s3, bucket: str) -> dict:
     return runs
 
 
-@pytest.fixture
-def bucket(s3_server, request) -> str:
-    name = f"esc50-{request.node.name[:30].lower().replace('_', '-')}-{os.getpid()}"
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    """One bucket for the module: each search keeps to its own prefix (tune/<name>/)."""
+    name = f"esc50-object-storage-{os.getpid()}"
     s3_server.client().create_bucket(Bucket=name)
     return name
 
 
-@pytest.fixture
-def s3_shards(s3_server, bucket: str, esc50_tree: Path, tiny_params, monkeypatch) -> str:
-    """`esc50 prepare --out s3://...`, in this process, with the AWS variables set."""
+@pytest.fixture(scope="module")
+def s3_shards(s3_server, bucket: str, esc50_tree: Path, tiny_params) -> str:
+    """`esc50 prepare --out s3://...`, in this process, with the AWS variables set; once for the
+    module (the searches only read the shards)."""
     from search.prepare import prepare
 
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
-    uri = f"s3://{bucket}/shards"
-    prepare(str(esc50_tree), uri, tiny_params, workers=1, progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env.items():
+            mp.setenv(k, v)
+        uri = f"s3://{bucket}/shards"
+        prepare(str(esc50_tree), uri, tiny_params, workers=1, progress=False)
     return uri
 
 
@@ -104,7 +100,7 @@ def test_prepare_search_kill_resume_and_promote_on_s3(
     driver = _driver(s3_server, mlflow_uri, tmp_path, *argv, "--shards", s3_shards, "--storage", storage)
     try:
         deadline = time.monotonic() + 240
-        while "completed" not in _statuses(mlflow_uri, "s3res").values():
+        while "completed" not in trial_statuses(mlflow_uri, "s3res").values():
             assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.3)
@@ -143,7 +139,7 @@ def test_search_survives_its_s3_server_stopping_for_20_s(
     log = tmp_path / "driver.log"
     try:
         deadline = time.monotonic() + 240
-        while "running" not in _statuses(mlflow_uri, "s3fault").values():
+        while "running" not in trial_statuses(mlflow_uri, "s3fault").values():
             assert driver.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)

@@ -1,7 +1,8 @@
 """The progress a person reads during a search: one line per trial event and a line for the whole
 search (search/progress.py), fed by Tune's callback hooks (search/tune_progress.py); `-v` shows
 Tune's own status table instead. The default output of a real search is checked in
-tests/test_search.py (completed, pruned, failed); here: the lines' content, `-v`, and a retry."""
+tests/test_search.py (completed, pruned, failed), a retry's line in tests/test_cv.py; here: the
+lines' content and `-v`."""
 
 from __future__ import annotations
 
@@ -83,36 +84,6 @@ def test_verbose_brings_back_tunes_table(
     assert " started (1/1)" not in out  # and not the event lines
 
 
-@pytest.mark.ray
-def test_a_retry_is_one_line(ray_session: None, tiny_shards: str, tmp_path: Path) -> None:
-    from ray import tune
-
-    from search.tune_progress import TrialProgress
-    from trainable.config import PRESETS
-    from trainable.cv import make_trainable
-
-    lines: list[str] = []
-    marker = tmp_path / "fold2_crashed"
-    # Fold 2's worker exits hard before epoch 2 on the first attempt only: Tune retries the trial.
-    trainable = make_trainable(tiny_shards, folds=(1, 2), cpus_per_fold=1.0, fail_at=(2, 2, str(marker)))
-    progress = TrialProgress("retry", 1, 3, 1, max_failures=1)
-    progress._emit = lines.append
-    tuner = tune.Tuner(
-        trainable,
-        param_space={**PRESETS["smoke"], "epochs": 3},
-        tune_config=tune.TuneConfig(num_samples=1, metric="cv_acc_mean", mode="max"),
-        run_config=tune.RunConfig(
-            name="retry",
-            storage_path=str(tmp_path / "tune"),
-            failure_config=tune.FailureConfig(max_failures=1),
-            callbacks=[progress],
-            verbose=0,
-        ),
-    )
-    results = tuner.fit()
-    assert marker.exists() and not results.errors
-    events = [x.split("] ", 1)[1] for x in lines]
-    retries = [e for e in events if "failed, retry 1 of 1 from its checkpoint (epoch 1)" in e]
-    assert len(retries) == 1, events
-    assert any(e.endswith("completed 3 epochs: cv_acc_mean " + e.rsplit(" ", 1)[-1]) for e in events), events
-    assert events[-1].startswith("search retry: 1/1 trials done (1 completed)"), events
+# A retried trial's progress line ("failed, retry 1 of 1 from its checkpoint (epoch N)") is checked
+# on the retried trial of tests/test_cv.py::test_killed_fold_worker_fails_the_trial_and_retry_resumes_
+# from_checkpoint: the same fault injected and Tune run once, not twice.

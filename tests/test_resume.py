@@ -13,17 +13,10 @@ import pytest
 
 from search.cli import main
 from search.store import client
-from tests.test_tracking import assert_agree, mlflow_runs
+from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
+from tests.test_tracking import assert_agree
 
 TRIALS = 3
-
-
-def _statuses(uri: str, search: str) -> dict[str, str]:
-    try:
-        _, runs = mlflow_runs(uri, search)
-    except (AttributeError, AssertionError, IndexError):  # no experiment / parent yet
-        return {}
-    return {tid: r.data.tags.get("esc50.status", "") for tid, r in runs.items()}
 
 
 @pytest.mark.ray
@@ -40,6 +33,7 @@ def test_resume_after_the_driver_is_killed(
         "--address", ray.get_runtime_context().gcs_address, *common,
     ]  # fmt: skip
     log = tmp_path / "driver.log"
+    create_store(mlflow_uri)  # not at once by the driver and the polling below
     with open(log, "w") as out:
         driver = subprocess.Popen(
             argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=dict(os.environ)
@@ -47,7 +41,7 @@ def test_resume_after_the_driver_is_killed(
     try:
         # Kill the driver (SIGKILL: no chance to save anything) once its first trial has finished.
         deadline = time.monotonic() + 180
-        while "completed" not in _statuses(mlflow_uri, "res").values():
+        while "completed" not in trial_statuses(mlflow_uri, "res").values():
             assert driver.poll() is None, f"the search ended before it was killed:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"no trial finished in time:\n{log.read_text()[-3000:]}"
             time.sleep(0.3)
@@ -56,7 +50,7 @@ def test_resume_after_the_driver_is_killed(
     finally:
         if driver.poll() is None:
             driver.kill()
-    before = _statuses(mlflow_uri, "res")
+    before = trial_statuses(mlflow_uri, "res")
     assert 1 <= list(before.values()).count("completed") < TRIALS, before
     parent, _ = mlflow_runs(mlflow_uri, "res")
     assert parent.info.status == "RUNNING"  # it never ended: the driver died

@@ -88,7 +88,7 @@ def _wait(proc: subprocess.Popen, base: str, log_path: Path, deadline: float) ->
             pytest.fail(
                 f"mlflow models serve did not answer /ping in {STARTUP_S} s:\n{log_path.read_text()[-4000:]}"
             )
-        time.sleep(1.0)
+        time.sleep(0.25)
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -15,6 +15,7 @@ import pytest
 from search.options import SearchOptions
 from search.store import check_tracking, client, experiment_id
 from search.tracking import MLflowTrialCallback, open_search_run
+from tests.fixtures.records import mlflow_runs
 from trainable.config import TrainConfig
 
 
@@ -25,21 +26,6 @@ def tune_records(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
         lines = (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []
         out[d.name.removeprefix("trial_")] = [json.loads(x) for x in lines if x.strip()]
     return out
-
-
-def mlflow_runs(uri: str, search: str, experiment: str = "esc50") -> tuple[Any, dict[str, Any]]:
-    """(the search's parent run, {trial id: child run}); asserts there is one run per trial and search."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment).experiment_id
-    parents = c.search_runs([exp], f"tags.`esc50.role` = 'search' AND tags.`esc50.search` = '{search}'")
-    assert len(parents) == 1, [p.info.run_id for p in parents]
-    children = c.search_runs([exp], f"tags.`esc50.role` = 'trial' AND tags.`esc50.search` = '{search}'")
-    by_trial: dict[str, Any] = {}
-    for r in children:
-        tid = r.data.tags["esc50.trial_id"]
-        assert tid not in by_trial, f"two MLflow runs for trial {tid}"
-        by_trial[tid] = r
-    return parents[0], by_trial
 
 
 def assert_agree(
@@ -78,18 +64,13 @@ def assert_agree(
 
 
 @pytest.mark.ray
-def test_smoke_search_tune_and_mlflow_agree(
-    ray_session: None, tiny_shards: str, mlflow_uri: str, tmp_path: Path
-) -> None:
-    from search.tune import run_search
-
-    opts = SearchOptions(
-        name="agree", smoke=True, trials=3, folds=(1, 2), epochs=2, concurrency=3, shards=tiny_shards,
-        tracking_uri=mlflow_uri, storage=str(tmp_path / "runs"), grace_period=1, verbose=0,
-    )  # fmt: skip
-    result = run_search(opts)
+def test_smoke_search_tune_and_mlflow_agree(smoke_search, tiny_shards: str, tmp_path: Path) -> None:
+    # The session's smoke search (tests/fixtures/search_store.py: 3 trials, folds 1-2, 2 epochs,
+    # concurrency 3, grace period 1), promoted once afterwards: promotion adds its own run and the
+    # champion tags, and changes none of the records checked here.
+    result, mlflow_uri = smoke_search.result, smoke_search.uri
     assert not result.interrupted and sum(result.counts.values()) == 3
-    statuses = assert_agree(mlflow_uri, "agree", tmp_path / "runs" / "agree", (1, 2))
+    statuses = assert_agree(mlflow_uri, "agree", smoke_search.results_dir, (1, 2))
     assert result.counts["completed"] == sum(s == "completed" for s in statuses.values())
 
     # The parent: every option, the best result, the results table and the plots.
@@ -122,7 +103,7 @@ def test_smoke_search_tune_and_mlflow_agree(
     }
 
     # The options are saved beside Tune's results too, resolved.
-    saved = json.loads((tmp_path / "runs" / "agree" / "esc50_search.json").read_text())
+    saved = json.loads((smoke_search.results_dir / "esc50_search.json").read_text())
     assert saved["shards"] == tiny_shards and saved["concurrency"] == 3 and saved["trials"] == 3
 
     # BBC-CV of the completed trials beside the selected cv_acc_mean: metrics, summary

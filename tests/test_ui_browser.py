@@ -1,8 +1,8 @@
 """`esc50 ui` in a real browser (headless Chromium from the system's package manager, driven by
-Playwright): over the store of a smoke search and a promotion, the runs table shows the search
-with its trials nested, a trial's page charts its per-epoch metrics (the mean and each fold), and
-the registered model shows its `champion` alias. Skips only where no Chromium is installed
-(`.ci/run` installs it where it can)."""
+Playwright): over the store of the session's smoke search and its promotion (tests/fixtures/
+search_store.py), the runs table shows the search with its trials nested, a trial's page charts
+its per-epoch metrics (the mean and each fold), and the registered model shows its `champion`
+alias. Skips only where no Chromium is installed (`.ci/run` installs it where it can)."""
 
 from __future__ import annotations
 
@@ -41,20 +41,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def promoted_store(ray_session: None, tiny_shards: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A smoke search (2 trials) and its best trial promoted, in a fresh store."""
-    from search.options import SearchOptions
-    from search.promote import promote
-    from search.tune import run_search
-
-    d = tmp_path_factory.mktemp("ui_store")
-    uri = f"sqlite:///{d / 'mlflow.db'}"
-    result = run_search(
-        SearchOptions(name="ui-smoke", smoke=True, trials=2, folds=(1, 2), shards=tiny_shards,
-                      tracking_uri=uri, storage=str(d / "runs"), verbose=0)
-    )  # fmt: skip
-    promotion = promote(search="ui-smoke", tracking=uri)
-    return {"uri": uri, "result": result, "version": promotion.version}
+def promoted_store(smoke_search) -> dict:
+    """The session's smoke search (3 trials) and its best trial promoted (tests/fixtures/search_store.py)."""
+    return {"uri": smoke_search.uri, "result": smoke_search.result, "version": smoke_search.promotion.version}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +66,7 @@ def ui(promoted_store: dict) -> Iterator[str]:
             except OSError:
                 assert proc.poll() is None, proc.stdout.read().decode()
                 assert time.monotonic() < deadline, "esc50 ui did not answer"
-                time.sleep(1)
+                time.sleep(0.25)
         yield base
     finally:
         proc.terminate()  # esc50 ui stops the server's process group on SIGTERM
@@ -107,7 +96,7 @@ def test_runs_table_nests_the_trials_under_the_search(page, ui: str, promoted_st
 
     result = promoted_store["result"]
     page.goto(runs_url(ui, result.experiment_id), wait_until="domcontentloaded")
-    page.get_by_text("ui-smoke", exact=True).first.wait_for()
+    page.get_by_text(result.name, exact=True).first.wait_for()
     assert "/runs" in page.url  # the experiment opens on the runs table, not GenAI's overview
     trials = [f"trial_{r.trial_id}" for r in result.rows]
     assert page.get_by_text(trials[0], exact=True).count() == 0  # nested: hidden until expanded
