@@ -44,8 +44,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 RESULTS = ROOT / "bench" / "results"
 
-# The middle of the `cpu` space (spaces/builtin.py): its constants plus a central value of each
-# sampled parameter. Fixed, so both layouts train exactly the same thing.
+# The middle of the `cpu` space as it was when bench/results/cpu_layout_20261128T192348.json was
+# measured (a width-12 CNN; the space is now the compact recipe). Fixed, so both layouts train
+# exactly the same thing.
 CPU_TRIAL = {
     "arch": "cnn", "width": 12, "depth": 4, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-2,
     "dropout": 0.2, "mixup_alpha": 0.25, "freq_mask": 4, "time_mask": 16, "epochs": 12,
