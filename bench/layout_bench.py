@@ -111,7 +111,8 @@ def tune_trial(
     """One trial of `config` through make_trainable + Tuner.fit (checkpoints every epoch, as a search)."""
     from ray import tune
 
-    from trainable.cv import METRIC, make_trainable
+    from trainable.cv import make_trainable
+    from trainable.protocol import METRIC
 
     trainable = make_trainable(
         shared, folds=folds, cpus_per_fold=cpus_per_fold, gpus_per_fold=gpus_per_fold, layout=layout

@@ -245,7 +245,7 @@ def test_trainable_and_promotion_share_the_layout(
     )
     meta, blobs = cv.read_checkpoint(full)
     assert meta["folds"] == [1, 3] and set(blobs) == {1, 3}
-    _, loaded = cv.load_fold_states(full)
+    _, loaded = read_checkpoint(full)
     assert_same_state(states[1], loaded[1])
 
     meta, loaded = ensemble.read_checkpoint(full)
