@@ -115,3 +115,10 @@ def correctness(oofs: Sequence[Mapping[str, Any]]) -> np.ndarray:
             )
         cols.append(np.asarray(o["pred"])[idx] == here[0])
     return np.stack(cols, axis=1)
+
+
+def search_bbc(oofs: list[dict[str, np.ndarray]], seed: int = 0) -> BBCEstimate | None:
+    """BBC-CV of the completed trials' out-of-fold arrays (`correctness` of each); None without any."""
+    if not oofs:
+        return None
+    return bbc_cv(correctness(oofs), seed=seed)

@@ -38,22 +38,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search import provenance
+from search.bbc import search_bbc
 from search.errors import UserError
 from search.oof import load_oof_data, out_of_fold, shards_uri, write_report
 from search.registry import CHAMPION, DEFAULT_NAME, PREVIOUS, register_champion
 from search.store import (
-    METRIC,
+    COMPLETED,
     PRUNED,
+    ROLE_PROMOTION,
+    ROLE_TRIAL,
     TAG_CHECKPOINT,
+    TAG_CONFIG,
+    TAG_EPOCH,
+    TAG_FOLDS,
+    TAG_PROMOTION_RUN,
     TAG_ROLE,
     TAG_SEARCH,
+    TAG_SHARDS,
     TAG_STATUS,
     TAG_TRIAL,
     TAG_TRIAL_ALIAS,
+    TAG_TRIAL_RUN,
+    all_runs,
     client,
     filter_literal,
     hide_mlflow_notices,
+    trial_oof,
 )
+from trainable.protocol import METRIC
 
 TRIAL_ID_KEYS = (TAG_TRIAL, TAG_TRIAL_ALIAS)  # where a trial run holds its Tune trial id
 SHIPPED = (
@@ -89,19 +101,9 @@ class Trial:
         return self.run.info.run_id
 
 
-def _search_runs(c, filter_string: str) -> list[Any]:
-    ids = [e.experiment_id for e in c.search_experiments()]
-    runs: list[Any] = []
-    token = None
-    while ids:
-        page = c.search_runs(
-            ids, filter_string, max_results=1000, page_token=token, order_by=["attributes.start_time DESC"]
-        )
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
-    return runs
+def _search_runs(c: Any, filter_string: str) -> list[Any]:
+    """The runs the filter matches in every experiment, newest first."""
+    return all_runs(c, [e.experiment_id for e in c.search_experiments()], filter_string, "DESC")
 
 
 def _trial(run: Any, pruned_ok: bool = False) -> Trial | None:
@@ -138,7 +140,7 @@ def find_trial(
         except MlflowException:
             raise UserError(f"no MLflow run {run_id!r} in {c.tracking_uri}") from None
         return _named_trial(run, f"run {run_id}")
-    role = f"tags.`{TAG_ROLE}` = 'trial'"
+    role = f"tags.`{TAG_ROLE}` = {filter_literal(ROLE_TRIAL)}"
     if trial_id is not None:
         runs = [
             r
@@ -192,7 +194,7 @@ def _named_trial(run: Any, what: str) -> Trial:
 
 def fetch_checkpoint(uri: str, dest: Path) -> Path:
     """A checkpoint directory (local path, file://, s3://, gs://, ...) as a local directory."""
-    from trainable.shards import resolve
+    from trainable.storage import resolve
 
     if "://" not in uri or uri.startswith("file://"):
         path = Path(uri.removeprefix("file://"))
@@ -323,13 +325,11 @@ def search_bbc_of(c: Any, trial: Trial) -> Any:
     """BBC-CV (search/bbc.py) of the completed trials of `trial`'s search: what selecting the best
     of them is worth on clips the selection did not see. None when no trial kept its out-of-fold
     predictions (a search from before they were kept)."""
-    from search.oof import search_bbc, trial_oof
-    from search.store import COMPLETED
-
     if not trial.search:
         return None
     runs = _search_runs(
-        c, f"tags.`{TAG_ROLE}` = 'trial' AND tags.`{TAG_SEARCH}` = {filter_literal(trial.search)}"
+        c,
+        f"tags.`{TAG_ROLE}` = {filter_literal(ROLE_TRIAL)} AND tags.`{TAG_SEARCH}` = {filter_literal(trial.search)}",
     )
     runs = [r for r in runs if r.data.tags.get(TAG_STATUS) == COMPLETED and r.info.status == "FINISHED"]
     runs.sort(key=lambda r: r.data.tags.get(TAG_TRIAL, r.info.run_id))  # a stable trial order
@@ -359,11 +359,11 @@ def promote(
         bbc = search_bbc_of(c, trial)
         fingerprint = str(meta.get("fingerprint") or data.info.get("fingerprint") or "")
         tags = {
-            TAG_ROLE: "promotion",
+            TAG_ROLE: ROLE_PROMOTION,
             TAG_SEARCH: trial.search,
-            "esc50.trial": trial.trial_id,
-            "esc50.trial_run": trial.run_id,
-            "esc50.shards": uri,
+            TAG_TRIAL_ALIAS: trial.trial_id,
+            TAG_TRIAL_RUN: trial.run_id,
+            TAG_SHARDS: uri,
             **provenance.code_tags(),
             **provenance.data_tags(fingerprint, meta["features"]),
         }
@@ -394,13 +394,13 @@ def promote(
         # code commit and versions, search and trial; and what it is worth.
         version_tags = {
             **{k: v for k, v in tags.items() if k != TAG_ROLE},
-            "esc50.config": json.dumps(meta["config"], sort_keys=True),
-            "esc50.folds": ",".join(map(str, meta["folds"])),
-            "esc50.epoch": str(meta.get("epoch", "")),
+            TAG_CONFIG: json.dumps(meta["config"], sort_keys=True),
+            TAG_FOLDS: ",".join(map(str, meta["folds"])),
+            TAG_EPOCH: str(meta.get("epoch", "")),
             "cv_acc_mean": f"{trial.cv_acc_mean:.6f}",
             "cv_acc_std": "" if trial.cv_acc_std is None else f"{trial.cv_acc_std:.6f}",
             "oof_acc": f"{metrics['oof_acc']:.6f}",
-            "esc50.promotion_run": run.info.run_id,
+            TAG_PROMOTION_RUN: run.info.run_id,
             **({k: f"{v:.6f}" for k, v in bbc.metrics().items()} if bbc is not None else {}),
             **({"bbc_trials": str(bbc.n_trials)} if bbc is not None else {}),
         }

@@ -15,8 +15,8 @@ import subprocess
 import sys
 
 from search.errors import UserError
-from search.options import tracking_uri as resolve_uri
-from search.store import artifact_root, check_tracking
+from search.store import ROLE_SEARCH, TAG_VIEW_PREFIX, artifact_root, check_tracking
+from search.store import tracking_uri as resolve_uri
 
 
 def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
@@ -83,7 +83,7 @@ def write_runs_view(c: object, experiment_id: str) -> None:
     import json
 
     view = {"selectedColumns": VIEW_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": False}
-    c.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    c.set_experiment_tag(experiment_id, f"{TAG_VIEW_PREFIX}{VIEW_KEY}", json.dumps(view))
 
 
 def search_experiments(uri: str) -> list[tuple[str, str]]:
@@ -94,7 +94,7 @@ def search_experiments(uri: str) -> list[tuple[str, str]]:
     return [
         (e.experiment_id, e.name)
         for e in c.search_experiments()
-        if c.search_runs([e.experiment_id], f"tags.`{TAG_ROLE}` = 'search'", max_results=1)
+        if c.search_runs([e.experiment_id], f"tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'", max_results=1)
     ]
 
 

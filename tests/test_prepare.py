@@ -127,7 +127,7 @@ def test_default_out_depends_on_params(tiny_params, monkeypatch, tmp_path, esc50
     monkeypatch.chdir(tmp_path)
     r = prep.prepare(str(esc50_tree), None, tiny_params, workers=1, progress=False)
     assert r.out == os.path.join("data", "shards", tiny_params.digest())
-    assert prep.default_out(dataclasses.replace(tiny_params, storage_dtype="uint8")) != r.out
+    assert shards.default_location(dataclasses.replace(tiny_params, storage_dtype="uint8")) != r.out
     assert os.path.isfile(os.path.join(r.out, MANIFEST))
 
 
