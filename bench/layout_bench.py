@@ -70,7 +70,7 @@ def synthetic_data(clips_per_fold: int, n_mels: int = 64, frames: int = 216, n_c
     """A FoldData of random dB values with the product's feature shape, `clips_per_fold` per fold."""
     import torch
 
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
     from trainable.shards import FoldData
 
     g = torch.Generator().manual_seed(0)

@@ -93,7 +93,7 @@ def bbc_cv(correct: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: floa
 
 
 def correctness(oofs: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """(clips, trials) bool from each trial's out-of-fold arrays (trainable.checkpoint.read_oof:
+    """(clips, trials) bool from each trial's out-of-fold arrays (trainable.model.checkpoint.read_oof:
     row, fold, label, pred), on the clips every trial scored. Trials whose clips disagree on a
     clip's label or fold (other data) are a ValueError: their predictions do not line up."""
     if not oofs:

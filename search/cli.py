@@ -17,7 +17,7 @@ from search.errors import UserError
 
 if TYPE_CHECKING:
     from search.options import SearchOptions
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
 
 
 # ---- typed values and the options several commands share -------------------------------------
@@ -77,7 +77,7 @@ def _shared(p: argparse.ArgumentParser, option: str, **changes: Any) -> None:
 # ---- prepare ---------------------------------------------------------------------------------
 def add_feature_options(p: argparse.ArgumentParser) -> None:
     """Log-mel options (defaults: FeatureParams()); shared by every command that prepares data."""
-    from trainable.features import STORAGE_DTYPES, FeatureParams
+    from trainable.model.features import STORAGE_DTYPES, FeatureParams
 
     d = FeatureParams()
     g = p.add_argument_group(
@@ -107,7 +107,7 @@ def add_feature_options(p: argparse.ArgumentParser) -> None:
 
 def feature_params(args: argparse.Namespace) -> FeatureParams:
     """The FeatureParams named by `add_feature_options`; invalid combinations are a UserError."""
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
 
     try:
         return FeatureParams(
@@ -142,7 +142,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from search.prepare import prepare
+    from search.data.prepare import prepare
 
     prepare(args.source, args.out, feature_params(args), workers=args.workers, force=args.force)
     return 0
@@ -167,11 +167,11 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    from search import promote, registry
+    from search.release import champion, promote
 
     if args.rollback:
-        champion, previous = registry.rollback(args.tracking_uri, args.name)
-        print(f"{args.name}: champion is v{champion}, previous is {'v' + previous if previous else 'none'}")
+        current, previous = champion.rollback(args.tracking_uri, args.name)
+        print(f"{args.name}: champion is v{current}, previous is {'v' + previous if previous else 'none'}")
         return 0
     result = promote.promote(
         args.search, args.run_id, args.trial_id, args.tracking_uri, args.name, args.shards
@@ -198,7 +198,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from search.predict import format_results, predict
+    from search.release.predict import format_results, predict
 
     results = predict(args.files, args.model, args.tracking_uri, args.top_k, args.allow_pickled)
     print(format_results(results, args.json))

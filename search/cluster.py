@@ -1,12 +1,12 @@
 """The Ray a search runs on: the cluster at --address (connect only), else a local Ray on loopback
-with at least the CPUs the search's concurrency needs."""
+with at least the CPUs the search's concurrency needs; and how many trials run on it at once."""
 
 from __future__ import annotations
 
 import math
 import os
 
-from search.concurrency import trial_resources
+from search.concurrency import default_concurrency, trial_resources
 from search.errors import UserError
 from search.options import SearchOptions
 from trainable.errors import error_line
@@ -32,6 +32,24 @@ def storage_env() -> dict[str, str]:
 
 
 def start_ray(opts: SearchOptions) -> bool:
+    """Ray for the search, and `opts.concurrency` settled on it (--concurrency checked to fit, else
+    as many trials as fit). Returns whether this call started Ray (the caller shuts it down)."""
+    import ray
+
+    started = _start(opts)
+    try:
+        if opts.concurrency is None:
+            opts.concurrency = default_concurrency(opts)
+        else:
+            default_concurrency(opts)  # checks that one trial fits at all
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started
+
+
+def _start(opts: SearchOptions) -> bool:
     """Connect to --address, or start a local Ray on loopback. Returns whether this call started it."""
     import ray
 

@@ -114,7 +114,7 @@ class SearchOptions:
             except ImportError:
                 raise UserError("--sampler cmaes needs the `cmaes` package (pip install cmaes)") from None
         if o.shards is None:
-            from trainable.features import FeatureParams
+            from trainable.model.features import FeatureParams
             from trainable.shards import default_location
 
             o.shards = default_location(FeatureParams())

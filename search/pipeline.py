@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from search.options import SearchOptions
 
 if TYPE_CHECKING:
-    from search.prepare import PrepareResult
-    from search.promote import Promotion
+    from search.data.prepare import PrepareResult
+    from search.release.promote import Promotion
     from search.tune import SearchResult
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
 
 # `esc50 main`'s search (what `make run` runs); --smoke replaces trials and epochs with its own.
 MAIN_SPACE = "cpu"
@@ -64,10 +64,10 @@ def run_main(
     model_name: str = "esc50-cnn",
 ) -> MainResult:
     """Prepare the shards (a no-op when up to date), run the search, promote its best trial."""
-    from search.prepare import prepare
-    from search.promote import promote
+    from search.data.prepare import prepare
+    from search.release.promote import promote
     from search.tune import run_search
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
 
     t0 = time.perf_counter()
     params = params or FeatureParams()

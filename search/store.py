@@ -1,6 +1,6 @@
 """The MLflow store, without Ray: the one MlflowClient, every tag name and trial status the project
 writes, the rule that tells a pruned trial, and the queries and checks that read them back.
-`esc50 promote`, `predict` and `ui` import only this (and search/registry.py), so they start
+`esc50 promote`, `predict` and `ui` import only this (and search/release/champion.py), so they start
 without Ray; search/tracking.py (the Tune side) builds on it. No tag name is spelled elsewhere.
 """
 
@@ -40,7 +40,7 @@ TAG_FOLDS = "esc50.folds"
 TAG_SAMPLED = "esc50.sampled"  # the config keys the space sampled
 TAG_ERROR = "esc50.error"
 TAG_FAILURES = "esc50.failures"
-# a promotion run and a registered version (search/registry.py adds the registry's own)
+# a promotion run and a registered version (search/release/champion.py adds the registry's own)
 TAG_TRIAL_RUN = "esc50.trial_run"  # the trial run it was made from
 TAG_SHARDS = "esc50.shards"
 TAG_CONFIG = "esc50.config"
@@ -238,13 +238,13 @@ def _fetch(fs: Any, path: str, local: str) -> bool:
 
 
 def log_oof_artifact(c: Any, run_id: str, checkpoint: Any) -> bool:
-    """A Tune checkpoint's out-of-fold predictions (its oof.npz, trainable/checkpoint.py) as the
+    """A Tune checkpoint's out-of-fold predictions (its oof.npz, trainable/model/checkpoint.py) as the
     trial run's artifact oof/oof.npz; False when this checkpoint has none (not the last epoch)."""
     import tempfile
 
     import pyarrow.fs as pafs
 
-    from trainable.checkpoint import OOF_FILE
+    from trainable.model.checkpoint import OOF_FILE
 
     fs = getattr(checkpoint, "filesystem", None) or pafs.LocalFileSystem()
     with tempfile.TemporaryDirectory(prefix="esc50_oof_") as d:
@@ -260,7 +260,7 @@ def read_checkpoint_oof(uri: str) -> dict[str, Any] | None:
     (a checkpoint of an epoch before the last)."""
     import tempfile
 
-    from trainable.checkpoint import OOF_FILE, read_oof
+    from trainable.model.checkpoint import OOF_FILE, read_oof
     from trainable.storage import resolve
 
     fs, root = resolve(uri.removeprefix("file://"))
@@ -273,7 +273,7 @@ def read_run_oof(c: Any, run_id: str) -> dict[str, Any] | None:
     """The out-of-fold arrays logged on a trial run (artifact oof/oof.npz); None when it has none."""
     import tempfile
 
-    from trainable.checkpoint import OOF_FILE, read_oof
+    from trainable.model.checkpoint import OOF_FILE, read_oof
 
     with tempfile.TemporaryDirectory(prefix="esc50_oof_") as d:
         try:

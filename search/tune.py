@@ -23,7 +23,6 @@ from typing import Any
 
 from search import experiment, store
 from search.cluster import start_ray
-from search.concurrency import default_concurrency
 from search.options import SearchOptions
 from search.searcher import (  # noqa: F401  (EarlyStopAwareOptunaSearch: named here by older tuner.pkl)
     EarlyStopAwareOptunaSearch,
@@ -130,12 +129,8 @@ def run_search(
     # 2. Ray
     import ray
 
-    started = start_ray(opts)
+    started = start_ray(opts)  # and the trials at once: opts.concurrency
     try:
-        if opts.concurrency is None:
-            opts.concurrency = default_concurrency(opts)
-        else:
-            default_concurrency(opts)  # checks that one trial fits at all
         return _search(opts, space, samples, resume, t0, data, stop, shards)
     finally:
         if started:

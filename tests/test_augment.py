@@ -2,8 +2,8 @@
 
 import torch
 
-from trainable import augment as A
 from trainable.config import TrainConfig
+from trainable.model import augment as A
 
 
 def _batch(b=6, m=16, t=40):

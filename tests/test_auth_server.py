@@ -24,7 +24,7 @@ from search.cli import main
 from search.cluster import STORAGE_ENV
 from search.errors import UserError
 from search.options import SearchOptions
-from search.promote import promote
+from search.release.promote import promote
 from search.tune import run_search
 
 STARTUP_S = 180

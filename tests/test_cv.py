@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from trainable.checkpoint import read_checkpoint as read_checkpoint_states
-from trainable.checkpoint import read_oof
 from trainable.config import TrainConfig
 from trainable.cv import (
     FoldWorkerError,
@@ -23,6 +21,8 @@ from trainable.cv import (
     write_checkpoint,
 )
 from trainable.fold_worker import split_fold, state_to_bytes
+from trainable.model.checkpoint import read_checkpoint as read_checkpoint_states
+from trainable.model.checkpoint import read_oof
 from trainable.protocol import METRIC, metric_names
 
 SMOKE = TrainConfig.preset("smoke").to_dict()

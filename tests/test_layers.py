@@ -17,15 +17,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainable", ("trainable",)),
     ("spaces", ("spaces",)),
     ("search foundation", ("search.errors", "search.progress", "search.bbc", "search.study")),
-    ("tracking", ("search.provenance", "search.store", "search.registry", "search.tracking")),
-    ("data", ("search.meta", "search.source", "search.prepare")),
+    ("tracking", ("search.provenance", "search.store", "search.tracking")),
+    ("data", ("search.data",)),
     ("search options", ("search.options", "search.sampler", "search.concurrency")),
     (
         "search parts",
         ("search.cluster", "search.experiment", "search.searcher", "search.report", "search.tune_progress"),
     ),
     ("search", ("search.tune",)),
-    ("release", ("search.oof", "search.promote", "search.predict")),
+    ("release", ("search.release",)),
     ("commands", ("search.ui", "search.pipeline", "search.cli", "search.__main__", "search")),
 ]
 
@@ -114,7 +114,20 @@ def test_the_checker_sees_what_it_must() -> None:
     """The checks would catch an upward import and a cycle: relative, function-level and
     TYPE_CHECKING imports are all read."""
     graph = _graph()
-    assert "trainable.checkpoint" in graph["trainable.ensemble"]  # `from .checkpoint import ...`
+    assert "trainable.model.checkpoint" in graph["trainable.model.ensemble"]  # `from .checkpoint import ...`
     assert "trainable.cv" in graph["search.tune"]  # imported inside a function
     assert "search.store" in graph["search.tracking"]
     assert _rank("search.tune") > _rank("search.store") > _rank("trainable.cv")
+
+
+def test_the_shipped_model_imports_only_itself() -> None:
+    """trainable/model/ is copied whole into every promoted model (search/release/promote.py), where
+    the rest of the project is not installed: it may import nothing of the project outside itself."""
+    outside = [
+        f"{m} imports {d}"
+        for m, imported in sorted(_graph().items())
+        if m.startswith("trainable.model")
+        for d in sorted(imported)
+        if not d.startswith("trainable.model") and d != "trainable"
+    ]
+    assert not outside, "\n".join(outside)

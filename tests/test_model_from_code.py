@@ -1,4 +1,4 @@
-"""The shipped model holds no pickled code: it is an MLflow model from code (trainable/pyfunc_entry.py
+"""The shipped model holds no pickled code: it is an MLflow model from code (trainable/model/pyfunc_entry.py
 plus the shipped `trainable/` sources) whose weights are state dicts that load with
 `torch.load(weights_only=True)`. A version registered before that (a cloudpickled `EnsembleModel`)
 keeps its place in the aliases and rollback, but `esc50 predict` refuses to load it unless told to."""
@@ -14,9 +14,9 @@ import yaml
 
 from search.cli import main
 from search.errors import UserError
-from search.predict import pickled_code, predict
-from search.promote import promote
-from search.registry import CHAMPION, PREVIOUS, register_champion, rollback
+from search.release.champion import CHAMPION, PREVIOUS, register_champion, rollback
+from search.release.predict import pickled_code, predict
+from search.release.promote import promote
 from tests.fixtures.promoted import log_search
 from tests.test_promote import _aliases, _trial
 
@@ -59,21 +59,17 @@ def test_the_shipped_model_holds_no_pickled_python_object(promoted, tmp_path: Pa
             # (protocol 2+ starts with 0x80) is not valid UTF-8
             p.read_bytes().decode("utf-8")
     sources = {p.relative_to(model_dir).as_posix() for p in files if p.suffix == ".py"}
-    assert "pyfunc_entry.py" in sources and "code/trainable/ensemble.py" in sources
+    assert "pyfunc_entry.py" in sources and "code/trainable/model/ensemble.py" in sources
 
 
 def _log_pickled_version(checkpoint: Path, work: Path) -> str:
     """A version as promotions before this change logged it: a cloudpickled EnsembleModel instance."""
     import mlflow
 
-    import trainable
-    from search.promote import SHIPPED
-    from trainable.ensemble import CHECKPOINT_ARTIFACT, EnsembleModel
+    from search.release.promote import model_code
+    from trainable.model.ensemble import CHECKPOINT_ARTIFACT, EnsembleModel
 
-    code = work / "code" / "trainable"
-    code.mkdir(parents=True)
-    for name in SHIPPED:
-        (code / name).write_bytes((Path(trainable.__file__).parent / name).read_bytes())
+    code = model_code(work / "code")
     exp = mlflow.create_experiment("old", artifact_location=str(work / "artifacts"))
     with mlflow.start_run(experiment_id=exp):
         info = mlflow.pyfunc.log_model(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from search.promote import promote
+from search.release.promote import promote
 from search.store import client
 from tests.test_tracking import mlflow_runs
 
@@ -83,7 +83,7 @@ def bucket(s3_server, request) -> str:
 @pytest.fixture
 def s3_shards(s3_server, bucket: str, esc50_tree: Path, tiny_params, monkeypatch) -> str:
     """`esc50 prepare --out s3://...`, in this process, with the AWS variables set."""
-    from search.prepare import prepare
+    from search.data.prepare import prepare
 
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)

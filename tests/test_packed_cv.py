@@ -10,10 +10,10 @@ import pytest
 from search.concurrency import trial_resources
 from search.options import SearchOptions
 from tests.test_cv import SMOKE, _assert_all_resources_free, _tune
-from trainable.checkpoint import read_checkpoint as read_checkpoint_states
-from trainable.checkpoint import state_from_bytes
 from trainable.cv import TRIAL_CPUS, make_trainable
 from trainable.layout import resolve_layout, trial_bundles
+from trainable.model.checkpoint import read_checkpoint as read_checkpoint_states
+from trainable.model.checkpoint import state_from_bytes
 
 
 def _bundles(trainable) -> list[dict[str, float]]:
@@ -139,7 +139,7 @@ def test_packed_search_records_per_fold_metrics_in_mlflow(
         (run.data.metrics["fold1_acc"] + run.data.metrics["fold2_acc"]) / 2
     )
     # the final checkpoint holds the out-of-fold predictions, scored as the per-fold accuracies were
-    from trainable.checkpoint import read_oof
+    from trainable.model.checkpoint import read_oof
 
     oof = read_oof(result.best_checkpoint)
     for k in (1, 2):

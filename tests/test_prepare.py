@@ -1,4 +1,4 @@
-"""search/prepare.py and `esc50 prepare`: values, metadata round trip, idempotence, atomicity, errors."""
+"""search/data/prepare.py and `esc50 prepare`: values, metadata round trip, idempotence, atomicity, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from search import prepare as prep
 from search.cli import main
+from search.data import prepare as prep
 from search.errors import UserError
 from tests.fixtures.audio import copy_tree, read_rows
 from tests.test_audio import reference_logmel

@@ -44,7 +44,7 @@ def _free_port() -> int:
 def promoted_store(ray_session: None, tiny_shards: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A smoke search (2 trials) and its best trial promoted, in a fresh store."""
     from search.options import SearchOptions
-    from search.promote import promote
+    from search.release.promote import promote
     from search.tune import run_search
 
     d = tmp_path_factory.mktemp("ui_store")

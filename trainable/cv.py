@@ -4,7 +4,7 @@
 `cv_trainable` with its resources: one fold worker per fold (trainable/fold_worker.py), or one
 packed worker for all of them (trainable/layout.py). The folds train in lock-step, one
 `tune.report` per epoch (`cv_metrics`; names in trainable/protocol.py) and a checkpoint every
-`checkpoint_every` epochs (layout: trainable/checkpoint.py). The trial process imports neither
+`checkpoint_every` epochs (layout: trainable/model/checkpoint.py). The trial process imports neither
 torch nor the data modules: it only coordinates (seconds per trial on a small CPU).
 """
 
@@ -23,10 +23,10 @@ import ray
 from ray import tune
 from ray.tune import PlacementGroupFactory
 
-from trainable import checkpoint as checkpoints
 from trainable.config import TrainConfig
 from trainable.fold_worker import FoldWorker
 from trainable.layout import resolve_layout, trial_bundles, worker_threads
+from trainable.model import checkpoint as checkpoints
 from trainable.protocol import FOLDS, check_folds
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -377,7 +377,7 @@ def _gather(workers: Mapping[int, Any], refs: list[Any], what: str) -> list[Any]
     return [done[k] for k in workers]
 
 
-# ---- checkpoints (the layout itself: trainable/checkpoint.py) ------------------------------------
+# ---- checkpoints (the layout itself: trainable/model/checkpoint.py) ------------------------------------
 
 
 def write_checkpoint(
@@ -394,7 +394,7 @@ def write_checkpoint(
     and oof.npz when `oof` (the final epoch's out-of-fold predictions, `checkpoints.merge_oof`) is given.
 
     `directory` must not exist or be empty; it appears whole or not at all (see
-    `trainable.checkpoint.write_checkpoint`).
+    `trainable.model.checkpoint.write_checkpoint`).
     `nodes`: the Ray node id each fold trained on (for the multi-node test and for debugging)."""
     meta = {
         "config": cfg.to_dict(),

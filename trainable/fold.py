@@ -36,9 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainable.augment import eval_crops, training_batch, wrap
 from trainable.config import TrainConfig
-from trainable.models import N_CLASSES, build_model
+from trainable.model.augment import eval_crops, training_batch, wrap
+from trainable.model.networks import N_CLASSES, build_model
 
 STATE_VERSION = 1
 

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from trainable.errors import UserError
-from trainable.features import FeatureParams
+from trainable.model.features import FeatureParams
 from trainable.storage import atomic_put, atomic_write, join, resolve, temp_name
 
 FORMAT = 1

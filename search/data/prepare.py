@@ -1,6 +1,6 @@
 """`esc50 prepare`: ESC-50 audio -> one Parquet log-mel shard per fold.
 
-validate metadata (search/meta.py) -> decode, mono, resample, 5 s (trainable/audio.py) -> LogMel in
+validate metadata (search/data/metadata.py) -> decode, mono, resample, 5 s (trainable/audio.py) -> LogMel in
 batches on a small process pool -> atomic shards + manifest (trainable/shards.py).
 """
 
@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torchaudio
 
+from search.data.metadata import Metadata, read_metadata
+from search.data.source import OFFICIAL_CLIPS, OFFICIAL_URL, resolve_source
 from search.errors import UserError
-from search.meta import Metadata, read_metadata
 from search.progress import Progress
-from search.source import OFFICIAL_CLIPS, OFFICIAL_URL, resolve_source
 from trainable import shards, storage
 from trainable.audio import log_mel_files
-from trainable.features import FeatureParams, LogMel
+from trainable.model.features import FeatureParams, LogMel
 from trainable.protocol import FOLDS
 
 # Part of the fingerprint: bump when the way audio becomes features changes.

@@ -23,8 +23,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from search.data.metadata import CSV_PATH
 from search.errors import UserError
-from search.meta import CSV_PATH
 from search.progress import Progress
 
 OFFICIAL_URL = "https://github.com/karoldvl/ESC-50/archive/master.zip"

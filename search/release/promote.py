@@ -2,22 +2,22 @@
 
     promote(search="my-search")          # best finished trial by cv_acc_mean
     promote(run_id="...")                # or a named trial run / Tune trial id
-    registry.rollback()                  # champion back to previous (search/registry.py)
+    registry.rollback()                  # champion back to previous (search/release/champion.py)
 
 How a promotion runs (`promote`, at the end of this file, top to bottom):
   1. find the trial in MLflow: child runs tagged `esc50.role=trial` and `esc50.search=<name>`, with
      the metric `cv_acc_mean` and the tag `esc50.checkpoint` (the CV checkpoint directory: meta.json +
      fold_<k>.pt); the best finished one, unless a run or trial is named;
   2. fetch the checkpoint (a local path or any URI pyarrow opens) and rebuild its fold models;
-  3. out-of-fold report (search/oof.py): every clip of the checkpoint's folds predicted by the one
+  3. out-of-fold report (search/release/oof.py): every clip of the checkpoint's folds predicted by the one
      fold model that validated on it, from the search's shards, which must have the checkpoint's
      feature parameters and fingerprint;
   4. one promotion run in the trial's experiment: the pyfunc, logged as an MLflow model from code
-     (trainable/pyfunc_entry.py names `trainable.ensemble.EnsembleModel`; the shipped sources,
-     `SHIPPED`, are its code_paths; a slim copy of the checkpoint, plain state dicts read with
+     (trainable/model/pyfunc_entry.py names `trainable.model.ensemble.EnsembleModel`; the shipped sources,
+     trainable/model/ whole, is its code_paths; a slim copy of the checkpoint, plain state dicts read with
      weights_only, its artifact: no pickled Python object), the report's metrics and artifacts
      (per-class accuracy, confusion matrix picture);
-  5. a new version of the registered model (search/registry.py), tagged with what retraining it
+  5. a new version of the registered model (search/release/champion.py), tagged with what retraining it
      needs (search, trial, config, features, folds, the shards and their fingerprint, the git
      commit and library versions), its cv_acc_mean/std and the search's BBC-CV estimate
      (`bbc_cv_acc`, `_lo`, `_hi`: search/bbc.py); alias `champion` moves to it, the version that
@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 from search import provenance
 from search.bbc import search_bbc
 from search.errors import UserError
-from search.oof import load_oof_data, out_of_fold, shards_uri, write_report
-from search.registry import CHAMPION, DEFAULT_NAME, PREVIOUS, register_champion
+from search.release.champion import CHAMPION, DEFAULT_NAME, PREVIOUS, register_champion
+from search.release.oof import load_oof_data, out_of_fold, shards_uri, write_report
 from search.store import (
     COMPLETED,
     PRUNED,
@@ -68,20 +68,11 @@ from search.store import (
 from trainable.protocol import METRIC
 
 TRIAL_ID_KEYS = (TAG_TRIAL, TAG_TRIAL_ALIAS)  # where a trial run holds its Tune trial id
-SHIPPED = (
-    "__init__.py",
-    "features.py",
-    "models.py",
-    "augment.py",
-    "checkpoint.py",
-    "serving.py",
-    "ensemble.py",
-)
-ENTRY = "pyfunc_entry.py"  # the model's code file (models from code): names the pyfunc
+ENTRY = "pyfunc_entry.py"  # in trainable/model/: the model's code file (models from code), names the pyfunc
 REQUIREMENTS = ("torch", "torchaudio", "numpy", "pandas", "mlflow", "soundfile")
 
 if TYPE_CHECKING:  # annotations only: torch loads when a checkpoint does
-    from trainable.ensemble import FoldEnsemble
+    from trainable.model.ensemble import FoldEnsemble
 
 
 # ---- 1. the trial ------------------------------------------------------------------------------
@@ -213,8 +204,8 @@ def fetch_checkpoint(uri: str, dest: Path) -> Path:
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[int, Any], FoldEnsemble]:
     """(meta, states, FoldEnsemble) of a checkpoint directory; UserError when it is not usable."""
-    from trainable.ensemble import FoldEnsemble, read_checkpoint
-    from trainable.features import FeatureParams
+    from trainable.model.ensemble import FoldEnsemble, read_checkpoint
+    from trainable.model.features import FeatureParams
 
     try:
         meta, states = read_checkpoint(directory)
@@ -224,18 +215,23 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[int, Any], Fo
     return meta, states, ensemble
 
 
-# ---- 4. the pyfunc (step 3, the out-of-fold report, is search/oof.py) ---------------------------
+# ---- 4. the pyfunc (step 3, the out-of-fold report, is search/release/oof.py) ---------------------------
 
 
 def model_code(dest: Path) -> Path:
-    """The package shipped with the model: `trainable/` with only what prediction imports."""
+    """The package shipped with the model: `trainable/` holding only its `model/` sub-package, whole
+    (what prediction imports; trainable/model/__init__.py)."""
     import trainable
+    import trainable.model
 
-    src = Path(trainable.__file__).parent
     pkg = dest / "trainable"
     pkg.mkdir(parents=True)
-    for name in SHIPPED:
-        shutil.copy2(src / name, pkg / name)
+    shutil.copy2(trainable.__file__, pkg / "__init__.py")
+    shutil.copytree(
+        Path(trainable.model.__file__).parent,
+        pkg / "model",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     return pkg
 
 
@@ -254,7 +250,7 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
     """Log the ensemble pyfunc into the active run; returns mlflow's ModelInfo."""
     import mlflow
 
-    from trainable.ensemble import write_slim_checkpoint
+    from trainable.model.ensemble import write_slim_checkpoint
 
     slim = work / "checkpoint"
     write_slim_checkpoint(slim, meta, states)
@@ -269,15 +265,15 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
 
 
 def _log_pyfunc(mlflow: Any, meta: dict[str, Any], slim: Path, code: Path) -> Any:
-    import trainable
-    from trainable.ensemble import CHECKPOINT_ARTIFACT, example_input, signature
-    from trainable.features import FeatureParams
+    import trainable.model
+    from trainable.model.ensemble import CHECKPOINT_ARTIFACT, example_input, signature
+    from trainable.model.features import FeatureParams
 
     with hide_mlflow_notices():
         return mlflow.pyfunc.log_model(
             name="model",
             # A model from code: MLflow stores this file's source, not a pickled instance.
-            python_model=str(Path(trainable.__file__).parent / ENTRY),
+            python_model=str(Path(trainable.model.__file__).parent / ENTRY),
             artifacts={CHECKPOINT_ARTIFACT: str(slim)},
             code_paths=[str(code)],
             signature=signature(),
@@ -287,7 +283,7 @@ def _log_pyfunc(mlflow: Any, meta: dict[str, Any], slim: Path, code: Path) -> An
         )
 
 
-# ---- the promotion: steps 1 to 5 (5, the registry, is search/registry.py) ------------------------
+# ---- the promotion: steps 1 to 5 (5, the registry, is search/release/champion.py) ------------------------
 
 
 @dataclass(frozen=True)

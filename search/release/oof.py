@@ -20,14 +20,14 @@ from search.errors import UserError
 from search.store import TAG_PARENT, TAG_SHARDS
 
 if TYPE_CHECKING:  # annotations only: torch loads when needed
-    from trainable.ensemble import FoldEnsemble
+    from trainable.model.ensemble import FoldEnsemble
     from trainable.shards import FoldData
 
 SHARDS_KEYS = (TAG_SHARDS, "shards")  # params/tags that may name a search's shards
 
 
 def shards_uri(c: Any, trial: Any, meta: dict[str, Any], shards: str | None) -> str:
-    """Where the trial's (a search.promote.Trial) training data is: --shards, meta.json, the trial's or its search's params/tags."""
+    """Where the trial's (a search.release.promote.Trial) training data is: --shards, meta.json, the trial's or its search's params/tags."""
     if shards:
         return shards
     if meta.get("shards"):
@@ -122,7 +122,7 @@ def out_of_fold(ensemble: FoldEnsemble, data: FoldData, batch: int = 256) -> Out
 
 def load_oof_data(uri: str, meta: dict[str, Any]) -> FoldData:
     """The shards of the checkpoint's folds, checked against the checkpoint's features and data."""
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
     from trainable.shards import ShardError, load_shards
     from trainable.storage import LocationError
 
