@@ -105,3 +105,36 @@ def test_an_older_pickled_version_keeps_its_aliases_but_is_not_loaded_unless_all
     assert "refusing to load models:/esc50-cnn@champion" in err and "--allow-pickled" in err
     assert main(["predict", str(clip), "--tracking-uri", mlflow_uri, "--allow-pickled", "--json"]) == 0
     assert category in capsys.readouterr().out
+
+
+def test_a_version_whose_code_names_the_old_module_path_still_predicts(
+    trained_checkpoint, new_clips, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """Versions promoted before the model's code moved to trainable/model/ load `EnsembleModel`
+    from `trainable.ensemble`; in `esc50 predict` this project's `trainable` is imported first, so
+    that name must still lead to the ensemble (trainable/ensemble.py)."""
+    import mlflow
+
+    from search.release.promote import model_code
+    from search.store import client
+    from trainable.model.checkpoint import read_checkpoint
+    from trainable.model.ensemble import CHECKPOINT_ARTIFACT, write_slim_checkpoint
+
+    entry = tmp_path / "pyfunc_entry.py"
+    entry.write_text(
+        "import mlflow.models\n\nfrom trainable.ensemble import EnsembleModel\n\n"
+        "mlflow.models.set_model(EnsembleModel())\n"
+    )
+    meta, states = read_checkpoint(trained_checkpoint.path)
+    write_slim_checkpoint(tmp_path / "slim", meta, states)
+    c = client(mlflow_uri)
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("old-code")):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(entry),
+            artifacts={CHECKPOINT_ARTIFACT: str(tmp_path / "slim")},
+            code_paths=[str(model_code(tmp_path / "code"))],
+        )
+    register_champion(c, "esc50-cnn", info.model_uri, {}, "old module path")
+    clip, category = new_clips[0]
+    assert predict([clip], tracking=mlflow_uri)[0]["label"] == category
