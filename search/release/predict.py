@@ -9,7 +9,6 @@ file with no samples, or a silent one, gets the model's defined answer (`silent`
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +19,6 @@ import numpy as np
 from search.errors import UserError
 from search.release.champion import CHAMPION, DEFAULT_NAME
 from search.store import client
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_MODEL = f"models:/{DEFAULT_NAME}@{CHAMPION}"
 # MLflow's loaders of a model from code (3.17 writes the first; the second reads the same layout).
