@@ -92,7 +92,7 @@ def collect(
                 status=status,
                 epochs_done=int(metrics.get("epoch") or 0),
                 epochs_planned=epochs,
-                cv_acc_mean=_num(metrics.get("cv_acc_mean")),
+                cv_acc_mean=_num(metrics.get(METRIC)),
                 cv_acc_std=_num(metrics.get("cv_acc_std")),
                 metrics=keep,
                 config=config,
@@ -174,7 +174,7 @@ def _fmt(v: Any) -> str:
 def summary_table(rows: Sequence[TrialRow], sampled: Sequence[str] = (), limit: int = 25) -> str:
     """The ranked summary printed when a search ends."""
     params = [p for p in sampled if any(p in r.config for r in rows)][:6]
-    head = ["rank", "trial", "status", "epochs", "cv_acc_mean", "std", *params]
+    head = ["rank", "trial", "status", "epochs", METRIC, "std", *params]
     body = []
     for i, r in enumerate(rows[:limit], 1):
         body.append(

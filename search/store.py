@@ -46,6 +46,13 @@ TAG_SHARDS = "esc50.shards"
 TAG_CONFIG = "esc50.config"
 TAG_EPOCH = "esc50.epoch"
 TAG_PROMOTION_RUN = "esc50.promotion_run"
+# the registry (search/release/champion.py)
+TAG_REPLACED = "esc50.replaced"  # on a version: the champion it replaced (for rollback)
+TAG_ROLLED_BACK = "esc50.rolled_back_from"  # on a version: it was champion until a rollback
+# On runs, for the MLflow runs table: the trial run a version was made from and its search run
+# carry `esc50.champion` = "esc50-cnn v3" while that version is champion (moved by promote and
+# rollback); the trial run keeps `esc50.registered` = "esc50-cnn v3" for good.
+TAG_CHAMPION, TAG_REGISTERED = "esc50.champion", "esc50.registered"
 TAG_VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment's saved runs-table view
 
 # ---- a trial's status (tag esc50.status) -------------------------------------------------------

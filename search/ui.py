@@ -15,8 +15,9 @@ import subprocess
 import sys
 
 from search.errors import UserError
-from search.store import ROLE_SEARCH, TAG_VIEW_PREFIX, artifact_root, check_tracking
+from search.store import ROLE_SEARCH, TAG_CHAMPION, TAG_STATUS, TAG_VIEW_PREFIX, artifact_root, check_tracking
 from search.store import tracking_uri as resolve_uri
+from trainable.protocol import METRIC
 
 
 def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
@@ -61,13 +62,13 @@ def run_ui(uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") ->
 # for `viewStateShareKey`) shows the search's columns on first open, without configuration.
 VIEW_KEY = "esc50-runs"
 VIEW_COLUMNS = [
-    "metrics.`cv_acc_mean`",  # a trial's mean over the folds (its last epoch)
+    f"metrics.`{METRIC}`",  # a trial's mean over the folds (its last epoch)
     "metrics.`best_cv_acc_mean`",  # the search run's best trial
     "metrics.`bbc_cv_acc`",  # the search's bias-corrected estimate and its interval, where logged
     "metrics.`bbc_cv_acc_lo`",
     "metrics.`bbc_cv_acc_hi`",
-    "tags.`esc50.status`",  # completed / pruned / failed
-    "tags.`esc50.champion`",  # the champion's version, on its trial and search runs
+    f"tags.`{TAG_STATUS}`",  # completed / pruned / failed
+    f"tags.`{TAG_CHAMPION}`",  # the champion's version, on its trial and search runs
     "attributes.`Models`",
 ]
 

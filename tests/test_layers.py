@@ -5,6 +5,7 @@ one hidden under TYPE_CHECKING or inside a function. Read from the source with `
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,29 @@ def test_the_shipped_model_imports_only_itself() -> None:
         if not d.startswith("trainable.model") and d != "trainable"
     ]
     assert not outside, "\n".join(outside)
+
+
+TRACKING_LAYER = {"search.store", "search.provenance", "search.tracking"}
+_TAG = re.compile(r"(?<![\w/])esc50\.(?!csv\b)[a-z_]+")
+
+
+def test_tag_names_are_spelled_only_in_the_tracking_layer() -> None:
+    """Every `esc50.*` MLflow tag name is a constant of search/store.py (or provenance.py); other
+    modules use the constant, so a renamed tag cannot leave a reader behind."""
+    found = []
+    for name, path in sorted(_modules().items()):
+        if name in TRACKING_LAYER:
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+            if isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)
+        }  # prose may name a tag
+        for node in ast.walk(tree):
+            if id(node) in docs:
+                continue
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _TAG.search(node.value):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
+    assert not found, "\n".join(found)

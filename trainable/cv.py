@@ -27,7 +27,7 @@ from trainable.config import TrainConfig
 from trainable.fold_worker import FoldWorker
 from trainable.layout import resolve_layout, trial_bundles, worker_threads
 from trainable.model import checkpoint as checkpoints
-from trainable.protocol import FOLDS, check_folds
+from trainable.protocol import FOLDS, METRIC, check_folds
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRIAL_CPUS = 0.1  # bundle 0: the trial function only coordinates its fold workers
@@ -246,7 +246,7 @@ def cv_metrics(per_fold: Mapping[int, Mapping[str, float]], epoch: int, seconds:
     losses = np.array([per_fold[k]["val_loss"] for k in per_fold], dtype=np.float64)
     train = np.array([per_fold[k]["train_loss"] for k in per_fold], dtype=np.float64)
     out: dict[str, Any] = {
-        "cv_acc_mean": float(accs.mean()),
+        METRIC: float(accs.mean()),
         "cv_acc_std": float(accs.std()),
         "cv_loss_mean": float(losses.mean()),
         "cv_train_loss_mean": float(train.mean()),

@@ -16,16 +16,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from search.errors import UserError
-from search.store import TAG_TRIAL_RUN, all_runs, client, filter_literal, hide_mlflow_notices
+from search.store import (
+    TAG_CHAMPION,
+    TAG_REGISTERED,
+    TAG_REPLACED,
+    TAG_ROLLED_BACK,
+    TAG_TRIAL_RUN,
+    all_runs,
+    client,
+    filter_literal,
+    hide_mlflow_notices,
+)
 
 DEFAULT_NAME = "esc50-cnn"
 CHAMPION, PREVIOUS = "champion", "previous"
-TAG_REPLACED = "esc50.replaced"  # on a version: the champion it replaced (for rollback)
-# On runs, for the MLflow runs table: the trial run a version was made from and its search run
-# carry `esc50.champion` = "esc50-cnn v3" while that version is champion (moved by promote and
-# rollback); the trial run keeps `esc50.registered` = "esc50-cnn v3" for good.
-TAG_CHAMPION, TAG_REGISTERED = "esc50.champion", "esc50.registered"
-TAG_ROLLED_BACK = "esc50.rolled_back_from"  # on a version: it was champion until a rollback
 
 
 def alias_version(c: Any, name: str, alias: str) -> str | None:

@@ -2,7 +2,7 @@
 
     promote(search="my-search")          # best finished trial by cv_acc_mean
     promote(run_id="...")                # or a named trial run / Tune trial id
-    registry.rollback()                  # champion back to previous (search/release/champion.py)
+    champion.rollback()                  # champion back to previous (search/release/champion.py)
 
 How a promotion runs (`promote`, at the end of this file, top to bottom):
   1. find the trial in MLflow: child runs tagged `esc50.role=trial` and `esc50.search=<name>`, with
@@ -372,7 +372,7 @@ def promote(
                 metrics.update(bbc.metrics())
             metrics.update(
                 {
-                    "cv_acc_mean": trial.cv_acc_mean,
+                    METRIC: trial.cv_acc_mean,
                     **({"cv_acc_std": trial.cv_acc_std} if trial.cv_acc_std is not None else {}),
                 }
             )
@@ -393,7 +393,7 @@ def promote(
             TAG_CONFIG: json.dumps(meta["config"], sort_keys=True),
             TAG_FOLDS: ",".join(map(str, meta["folds"])),
             TAG_EPOCH: str(meta.get("epoch", "")),
-            "cv_acc_mean": f"{trial.cv_acc_mean:.6f}",
+            METRIC: f"{trial.cv_acc_mean:.6f}",
             "cv_acc_std": "" if trial.cv_acc_std is None else f"{trial.cv_acc_std:.6f}",
             "oof_acc": f"{metrics['oof_acc']:.6f}",
             TAG_PROMOTION_RUN: run.info.run_id,
