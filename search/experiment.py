@@ -11,8 +11,8 @@ import posixpath
 from typing import Any
 
 from search.errors import UserError
-from search.options import DEFAULT_STORAGE, OPTIONS_FILE, SearchOptions, absolute
-from search.store import ENDED
+from search.options import DEFAULT_STORAGE, SearchOptions, absolute
+from search.store import ENDED, OPTIONS_FILE
 from trainable import storage
 from trainable.errors import error_line
 

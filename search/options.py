@@ -22,7 +22,6 @@ from search.store import tracking_uri
 from trainable.config import PRESETS
 from trainable.protocol import FOLDS, check_folds
 
-OPTIONS_FILE = "esc50_search.json"
 SAMPLERS = ("tpe", "random", "cmaes")
 FOLD_LAYOUTS = ("auto", "workers", "packed")  # trainable/layout.py's LAYOUTS (not imported: kept light)
 DEFAULT_STORAGE = "runs"

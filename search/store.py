@@ -60,6 +60,9 @@ COMPLETED, PRUNED, FAILED, RUNNING, INTERRUPTED = "completed", "pruned", "failed
 LOST = "lost"  # a run of a trial Tune never knew (deleted on resume)
 ENDED = (COMPLETED, PRUNED, FAILED)  # a trial in one of these will not run again
 MLFLOW_STATUS = {COMPLETED: "FINISHED", PRUNED: "KILLED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
+OPTIONS_FILE = (
+    "esc50_search.json"  # a search's resolved options: its parent run's artifact, and beside Tune's results
+)
 OOF_ARTIFACT_DIR = "oof"  # on a trial run: oof/oof.npz, the final epoch's out-of-fold predictions
 
 

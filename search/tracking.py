@@ -32,6 +32,7 @@ from search.store import (
     INTERRUPTED,
     LOST,
     MLFLOW_STATUS,
+    OPTIONS_FILE,
     ROLE_SEARCH,
     ROLE_TRIAL,
     RUNNING,
@@ -132,7 +133,7 @@ def open_search_run(
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "esc50_search.json"), "w") as f:
+        with open(os.path.join(d, OPTIONS_FILE), "w") as f:
             f.write(opts.to_json())
         src = "space.py"
         with open(os.path.join(d, src), "w") as f:
@@ -143,7 +144,7 @@ def open_search_run(
             text = f"(could not describe: {e})"
         with open(os.path.join(d, "space.txt"), "w") as f:
             f.write(f"space: {space.label}\noverrides: {dict(space.overrides)}\n\n{text}\n")
-        c.log_artifact(rid, os.path.join(d, "esc50_search.json"))
+        c.log_artifact(rid, os.path.join(d, OPTIONS_FILE))
         c.log_artifact(rid, os.path.join(d, src), "space")
         c.log_artifact(rid, os.path.join(d, "space.txt"), "space")
     return SearchRun(rid, exp_id, False)
