@@ -155,10 +155,9 @@ def _no_retries():
 
 def check_tracking(uri: str) -> None:
     """Reach the tracking store (and create a SQLite one); UserError naming --tracking-uri if not."""
-    if uri.startswith("sqlite:///"):
-        folder = os.path.dirname(uri[len("sqlite:///") :]) or "."
-        if not os.path.isdir(folder):
-            raise UserError(f"--tracking-uri {uri}: the folder {folder} does not exist")
+    from trainable.storage import check_sqlite_folder  # pyarrow: imported only when needed
+
+    check_sqlite_folder(uri, "--tracking-uri")
     try:
         with _no_retries():
             client(uri).search_experiments(max_results=1)

@@ -105,3 +105,12 @@ def probe_writable(uri: str) -> None:
     with fs.open_output_stream(probe) as f:
         f.write(b"ok")
     fs.delete_file(probe)
+
+
+def check_sqlite_folder(url: str, option: str) -> None:
+    """A sqlite:/// URL's database folder must exist (SQLite would fail later, less clearly);
+    UserError naming `option`. Other URLs pass."""
+    if url.startswith("sqlite:///"):
+        folder = os.path.dirname(url[len("sqlite:///") :]) or "."
+        if not os.path.isdir(folder):
+            raise UserError(f"{option} {url}: the folder {folder} does not exist")
