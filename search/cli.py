@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 # ---- typed values and the options several commands share -------------------------------------
-def _typed(kind: type, option: str) -> Callable[[str], Any]:
+def _typed(kind: Callable[[str], Any], option: str) -> Callable[[str], Any]:
     """An argparse type: `kind(text)`, else a UserError naming the option (one line, exit 2)."""
 
     def convert(text: str) -> Any:
@@ -76,33 +76,50 @@ def _shared(p: argparse.ArgumentParser, option: str, **changes: Any) -> None:
 
 # ---- prepare ---------------------------------------------------------------------------------
 def add_feature_options(p: argparse.ArgumentParser) -> None:
-    """Log-mel options (defaults: FeatureParams()); shared by every command that prepares data."""
+    """Log-mel options (defaults: FeatureParams()); shared by every command that prepares data.
+    Each one's dest is its FeatureParams field."""
     from trainable.model.features import STORAGE_DTYPES, FeatureParams
 
     d = FeatureParams()
     g = p.add_argument_group(
         "features (defaults are the product's; the seed's: --sample-rate 44100 --top-db none)"
     )
-    g.add_argument("--sample-rate", type=int, default=d.sample_rate, help="Hz (default %(default)s)")
-    g.add_argument("--n-fft", type=int, default=d.n_fft, help="default %(default)s")
-    g.add_argument(
-        "--hop", type=int, default=d.hop_length, help="hop length in samples (default %(default)s)"
+
+    def add(option: str, field: str, kind: Any, help: str, **more: Any) -> None:
+        g.add_argument(option, dest=field, type=kind, default=getattr(d, field), help=help, **more)
+
+    add("--sample-rate", "sample_rate", _typed(int, "--sample-rate"), "Hz (default %(default)s)")
+    add("--n-fft", "n_fft", _typed(int, "--n-fft"), "default %(default)s")
+    add("--hop", "hop_length", _typed(int, "--hop"), "hop length in samples (default %(default)s)")
+    add("--n-mels", "n_mels", _typed(int, "--n-mels"), "default %(default)s")
+    add("--f-min", "f_min", _typed(float, "--f-min"), "Hz (default %(default)s)")
+    add("--f-max", "f_max", _typed(_optional_float, "--f-max"), "Hz, or none for Nyquist (default)")
+    add(
+        "--log-floor",
+        "log_floor",
+        _typed(float, "--log-floor"),
+        "power floor before dB (default %(default)s)",
     )
-    g.add_argument("--n-mels", type=int, default=d.n_mels, help="default %(default)s")
-    g.add_argument("--f-min", type=float, default=d.f_min, help="Hz (default %(default)s)")
-    g.add_argument("--f-max", type=_optional_float, default=d.f_max, help="Hz, or none for Nyquist (default)")
-    g.add_argument(
-        "--log-floor", type=float, default=d.log_floor, help="power floor before dB (default %(default)s)"
-    )
-    g.add_argument(
+    add(
         "--top-db",
-        type=_optional_float,
-        default=d.top_db,
-        help="dB range kept per clip, or none (default %(default)s)",
+        "top_db",
+        _typed(_optional_float, "--top-db"),
+        "dB range kept per clip, or none (default %(default)s)",
     )
-    g.add_argument(
-        "--dtype", choices=STORAGE_DTYPES, default=d.storage_dtype, help="shard storage (default %(default)s)"
-    )
+    add("--dtype", "storage_dtype", None, "shard storage (default %(default)s)", choices=STORAGE_DTYPES)
+
+
+FEATURE_FIELDS = (
+    "sample_rate",
+    "n_fft",
+    "hop_length",
+    "n_mels",
+    "f_min",
+    "f_max",
+    "log_floor",
+    "top_db",
+    "storage_dtype",
+)
 
 
 def feature_params(args: argparse.Namespace) -> FeatureParams:
@@ -110,17 +127,7 @@ def feature_params(args: argparse.Namespace) -> FeatureParams:
     from trainable.model.features import FeatureParams
 
     try:
-        return FeatureParams(
-            sample_rate=args.sample_rate,
-            n_fft=args.n_fft,
-            hop_length=args.hop,
-            n_mels=args.n_mels,
-            f_min=args.f_min,
-            f_max=args.f_max,
-            log_floor=args.log_floor,
-            top_db=args.top_db,
-            storage_dtype=args.dtype,
-        )
+        return FeatureParams(**{f: getattr(args, f) for f in FEATURE_FIELDS})
     except ValueError as e:
         raise UserError(str(e)) from None
 
