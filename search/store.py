@@ -1,7 +1,7 @@
 """The MLflow store, without Ray: the one MlflowClient, every tag name and trial status the project
 writes, the rule that tells a pruned trial, and the queries and checks that read them back.
-`esc50 promote`, `predict` and `ui` import only this (and search/release/champion.py), so they start
-without Ray; search/tracking.py (the Tune side) builds on it. No tag name is spelled elsewhere.
+`esc50 promote`, `predict` and `ui` need only this of the tracking layer, so they start without
+Ray; search/tracking.py (the Tune side) builds on it. No tag name is spelled elsewhere.
 """
 
 from __future__ import annotations
@@ -60,9 +60,8 @@ COMPLETED, PRUNED, FAILED, RUNNING, INTERRUPTED = "completed", "pruned", "failed
 LOST = "lost"  # a run of a trial Tune never knew (deleted on resume)
 ENDED = (COMPLETED, PRUNED, FAILED)  # a trial in one of these will not run again
 MLFLOW_STATUS = {COMPLETED: "FINISHED", PRUNED: "KILLED", FAILED: "FAILED", INTERRUPTED: "KILLED"}
-OPTIONS_FILE = (
-    "esc50_search.json"  # a search's resolved options: its parent run's artifact, and beside Tune's results
-)
+# a search's resolved options: its parent run's artifact, and the file beside Tune's results
+OPTIONS_FILE = "esc50_search.json"
 OOF_ARTIFACT_DIR = "oof"  # on a trial run: oof/oof.npz, the final epoch's out-of-fold predictions
 
 
