@@ -176,7 +176,7 @@ def test_promoted_model_in_a_fresh_process_matches_the_fold_models(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "/code/trainable/ensemble.py" in got["code"] and not got["code"].startswith(str(Path.cwd()))
+    assert "/code/trainable/model/ensemble.py" in got["code"] and not got["code"].startswith(str(Path.cwd()))
 
     meta, states = read_checkpoint(promoted.checkpoint.path)
     params = FeatureParams.from_dict(meta["features"])
