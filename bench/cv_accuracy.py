@@ -33,7 +33,7 @@ from machine import machine  # bench/machine.py: scripts run as `python bench/<n
 
 from trainable.config import TrainConfig  # noqa: E402
 from trainable.fold import FoldTrainer  # noqa: E402
-from trainable.models import build_model, count_parameters  # noqa: E402
+from trainable.model.networks import build_model, count_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

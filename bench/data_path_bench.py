@@ -39,8 +39,8 @@ import torchaudio  # noqa: E402
 from machine import machine  # bench/machine.py: scripts run as `python bench/<name>.py`
 
 from trainable.config import TrainConfig  # noqa: E402
-from trainable.features import FeatureParams, LogMel, fit_length  # noqa: E402
 from trainable.fold import FoldTrainer  # noqa: E402
+from trainable.model.features import FeatureParams, LogMel, fit_length  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

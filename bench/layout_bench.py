@@ -73,7 +73,7 @@ def synthetic_data(clips_per_fold: int, n_mels: int = 64, frames: int = 216, n_c
     """A FoldData of random dB values with the product's feature shape, `clips_per_fold` per fold."""
     import torch
 
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
     from trainable.shards import FoldData
 
     g = torch.Generator().manual_seed(0)
@@ -125,7 +125,8 @@ def tune_trial(
     """One trial of `config` through make_trainable + Tuner.fit (checkpoints every epoch, as a search)."""
     from ray import tune
 
-    from trainable.cv import METRIC, make_trainable
+    from trainable.cv import make_trainable
+    from trainable.protocol import METRIC
 
     trainable = make_trainable(
         shared, folds=folds, cpus_per_fold=cpus_per_fold, gpus_per_fold=gpus_per_fold, layout=layout

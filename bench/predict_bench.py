@@ -51,11 +51,11 @@ def random_model(preset: str, work: Path) -> str:
     """Log a 5-fold ensemble of `preset` (random weights) as the promoted pyfunc; returns its URI."""
     import mlflow
 
-    from search.promote import log_model
+    from search.release.promote import log_model
     from search.store import client
     from trainable.config import TrainConfig
-    from trainable.features import FeatureParams
-    from trainable.models import N_CLASSES, build_model
+    from trainable.model.features import FeatureParams
+    from trainable.model.networks import N_CLASSES, build_model
 
     cfg = TrainConfig.preset(preset)
     params = FeatureParams()

@@ -169,9 +169,9 @@ def bench_dtypes(source: str, tmp: Path, loads: int) -> dict:
     """Features computed once, written in each storage dtype by the product's writer; then loaded."""
     import numpy as np
 
-    from search.meta import read_metadata
-    from search.prepare import compute_features
-    from trainable.features import FeatureParams
+    from search.data.metadata import read_metadata
+    from search.data.prepare import compute_features
+    from trainable.model.features import FeatureParams
     from trainable.shards import load_shards, write_dataset
 
     meta = read_metadata(source)
@@ -211,7 +211,7 @@ def bench_dtypes(source: str, tmp: Path, loads: int) -> dict:
 
 def bench_sweep(source: str, tmp: Path) -> dict:
     """Prepare cost of other feature settings (one run each; accuracy is the trainable's bench)."""
-    from search.meta import read_metadata
+    from search.data.metadata import read_metadata
 
     esc50 = str(Path(sys.executable).with_name("esc50"))
     settings = {

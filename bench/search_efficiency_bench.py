@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ray.is_initialized():  # (the suite's smoke test brings its own)
             ray.init(
                 num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                configure_logging=False, _system_config={"worker_niceness": 0},  # as search/tune.py
+                configure_logging=False, _system_config={"worker_niceness": 0},  # as search/cluster.py
             )  # fmt: skip
         shared = share_data(load_shards(args.shards, folds=args.folds), folds=args.val_folds)
 

@@ -113,7 +113,8 @@ def run_tune(
 ):
     from ray import tune
 
-    from trainable.cv import METRIC, MODE, make_trainable
+    from trainable.cv import make_trainable
+    from trainable.protocol import METRIC, MODE
 
     trainable = make_trainable(shared, folds=folds, cpus_per_fold=cpus)
     t0 = time.perf_counter()

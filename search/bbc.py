@@ -93,7 +93,7 @@ def bbc_cv(correct: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: floa
 
 
 def correctness(oofs: Sequence[Mapping[str, Any]]) -> np.ndarray:
-    """(clips, trials) bool from each trial's out-of-fold arrays (trainable.checkpoint.read_oof:
+    """(clips, trials) bool from each trial's out-of-fold arrays (trainable.model.checkpoint.read_oof:
     row, fold, label, pred), on the clips every trial scored. Trials whose clips disagree on a
     clip's label or fold (other data) are a ValueError: their predictions do not line up."""
     if not oofs:
@@ -115,3 +115,10 @@ def correctness(oofs: Sequence[Mapping[str, Any]]) -> np.ndarray:
             )
         cols.append(np.asarray(o["pred"])[idx] == here[0])
     return np.stack(cols, axis=1)
+
+
+def search_bbc(oofs: list[dict[str, np.ndarray]], seed: int = 0) -> BBCEstimate | None:
+    """BBC-CV of the completed trials' out-of-fold arrays (`correctness` of each); None without any."""
+    if not oofs:
+        return None
+    return bbc_cv(correctness(oofs), seed=seed)

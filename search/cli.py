@@ -1,7 +1,8 @@
 """`esc50` command line: parses options and calls the module that does the work. No logic here.
 
 Each subcommand has one `_add_<name>` function (its options) and one `_run_<name>` function (the
-call into its module). User errors (`UserError`) print one clear line and exit 2.
+call into its module); an option several commands take is defined once (`_shared`). Values are
+typed as they are parsed. User errors (`UserError`) print one clear line and exit 2.
 """
 
 from __future__ import annotations
@@ -9,81 +10,131 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from search.errors import UserError
 
 if TYPE_CHECKING:
-    from trainable.features import FeatureParams
-
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from search.options import SearchOptions
+    from trainable.model.features import FeatureParams
 
 
-# ---- prepare ---------------------------------------------------------------------------------
+# ---- typed values and the options several commands share -------------------------------------
+def _typed(kind: Callable[[str], Any], option: str) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)`, else a UserError naming the option (one line, exit 2)."""
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise UserError(f"{option} {text!r}: not {what}") from None
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() in ("none", "off", "") else float(text)
 
 
+TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
+SHARED: dict[str, dict[str, Any]] = {
+    "--tracking-uri": {"help": TRACKING_HELP},
+    "--storage": {"help": "where Tune keeps results and checkpoints: a path or URI (default ./runs)"},
+    "--optuna-storage": {
+        "help": "Optuna storage URL or SQLite file for the studies, `none` for memory "
+        "(default: optuna.db beside a SQLite tracking store, else in --storage)"
+    },
+    "--source": {
+        "help": "local ESC-50 copy (meta/esc50.csv + audio/), .zip archive or URL "
+        "(default: $ESC50_SOURCE, else the official archive)"
+    },
+    "--space": {
+        "help": "named space (seed, default, cpu, augment, regularize: see `esc50 spaces`) "
+        "or a Python file path/to/space.py[:function]"
+    },
+    "--trials": {"type": _typed(int, "--trials"), "help": "trials to run"},
+    "--epochs": {"type": _typed(int, "--epochs"), "help": "epochs per trial, overriding the space's"},
+    "--name": {"help": "the search's name"},
+    "--gpus-per-fold": {
+        "type": _typed(float, "--gpus-per-fold"),
+        "help": "GPUs of each fold worker, fractional allowed (default 0)",
+    },
+    "--smoke": {
+        "action": "store_true",
+        "help": "tiny model, 2 folds, 2 trials, 2 epochs: a check in a minute",
+    },
+}
+
+
+def _shared(p: argparse.ArgumentParser, option: str, **changes: Any) -> None:
+    """Add the shared `option` to `p`; `changes` adjust its definition (a command's own default)."""
+    p.add_argument(option, **{**SHARED[option], **changes})
+
+
+# ---- prepare ---------------------------------------------------------------------------------
 def add_feature_options(p: argparse.ArgumentParser) -> None:
-    """Log-mel options (defaults: FeatureParams()); shared by every command that prepares data."""
-    from trainable.features import STORAGE_DTYPES, FeatureParams
+    """Log-mel options (defaults: FeatureParams()); shared by every command that prepares data.
+    Each one's dest is its FeatureParams field."""
+    from trainable.model.features import STORAGE_DTYPES, FeatureParams
 
     d = FeatureParams()
     g = p.add_argument_group(
         "features (defaults are the product's; the seed's: --sample-rate 44100 --top-db none)"
     )
-    g.add_argument("--sample-rate", type=int, default=d.sample_rate, help="Hz (default %(default)s)")
-    g.add_argument("--n-fft", type=int, default=d.n_fft, help="default %(default)s")
-    g.add_argument(
-        "--hop", type=int, default=d.hop_length, help="hop length in samples (default %(default)s)"
+
+    def add(option: str, field: str, kind: Any, help: str, **more: Any) -> None:
+        g.add_argument(option, dest=field, type=kind, default=getattr(d, field), help=help, **more)
+
+    add("--sample-rate", "sample_rate", _typed(int, "--sample-rate"), "Hz (default %(default)s)")
+    add("--n-fft", "n_fft", _typed(int, "--n-fft"), "default %(default)s")
+    add("--hop", "hop_length", _typed(int, "--hop"), "hop length in samples (default %(default)s)")
+    add("--n-mels", "n_mels", _typed(int, "--n-mels"), "default %(default)s")
+    add("--f-min", "f_min", _typed(float, "--f-min"), "Hz (default %(default)s)")
+    add("--f-max", "f_max", _typed(_optional_float, "--f-max"), "Hz, or none for Nyquist (default)")
+    add(
+        "--log-floor",
+        "log_floor",
+        _typed(float, "--log-floor"),
+        "power floor before dB (default %(default)s)",
     )
-    g.add_argument("--n-mels", type=int, default=d.n_mels, help="default %(default)s")
-    g.add_argument("--f-min", type=float, default=d.f_min, help="Hz (default %(default)s)")
-    g.add_argument("--f-max", type=_optional_float, default=d.f_max, help="Hz, or none for Nyquist (default)")
-    g.add_argument(
-        "--log-floor", type=float, default=d.log_floor, help="power floor before dB (default %(default)s)"
-    )
-    g.add_argument(
+    add(
         "--top-db",
-        type=_optional_float,
-        default=d.top_db,
-        help="dB range kept per clip, or none (default %(default)s)",
+        "top_db",
+        _typed(_optional_float, "--top-db"),
+        "dB range kept per clip, or none (default %(default)s)",
     )
-    g.add_argument(
-        "--dtype", choices=STORAGE_DTYPES, default=d.storage_dtype, help="shard storage (default %(default)s)"
-    )
+    add("--dtype", "storage_dtype", None, "shard storage (default %(default)s)", choices=STORAGE_DTYPES)
+
+
+FEATURE_FIELDS = (
+    "sample_rate",
+    "n_fft",
+    "hop_length",
+    "n_mels",
+    "f_min",
+    "f_max",
+    "log_floor",
+    "top_db",
+    "storage_dtype",
+)
 
 
 def feature_params(args: argparse.Namespace) -> FeatureParams:
     """The FeatureParams named by `add_feature_options`; invalid combinations are a UserError."""
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
 
     try:
-        return FeatureParams(
-            sample_rate=args.sample_rate,
-            n_fft=args.n_fft,
-            hop_length=args.hop,
-            n_mels=args.n_mels,
-            f_min=args.f_min,
-            f_max=args.f_max,
-            log_floor=args.log_floor,
-            top_db=args.top_db,
-            storage_dtype=args.dtype,
-        )
+        return FeatureParams(**{f: getattr(args, f) for f in FEATURE_FIELDS})
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="turn ESC-50 audio into Parquet log-mel shards")
-    p.add_argument(
-        "--source",
-        default=None,
-        help="local ESC-50 copy (meta/esc50.csv + audio/), .zip archive or URL "
-        "(default: $ESC50_SOURCE, else the official archive)",
-    )
+    _shared(p, "--source")
     p.add_argument(
         "--out",
         default=None,
@@ -98,7 +149,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
-    from search.prepare import prepare
+    from search.data.prepare import prepare
 
     prepare(args.source, args.out, feature_params(args), workers=args.workers, force=args.force)
     return 0
@@ -116,20 +167,18 @@ def _add_promote(sub: argparse._SubParsersAction) -> None:
     which.add_argument(
         "--rollback", action="store_true", help="move the champion alias back to the previous version"
     )
-    p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
+    _shared(p, "--tracking-uri")
     p.add_argument("--name", default="esc50-cnn", help="registered model name (default %(default)s)")
     p.add_argument("--shards", help="shards URI for the out-of-fold report (default: the search's)")
     p.set_defaults(func=_run_promote)
 
 
 def _run_promote(args: argparse.Namespace) -> int:
-    from search import promote, registry
+    from search.release import champion, promote
 
     if args.rollback:
-        champion, previous = registry.rollback(args.tracking_uri, args.name)
-        print(f"{args.name}: champion is v{champion}, previous is {'v' + previous if previous else 'none'}")
+        current, previous = champion.rollback(args.tracking_uri, args.name)
+        print(f"{args.name}: champion is v{current}, previous is {'v' + previous if previous else 'none'}")
         return 0
     result = promote.promote(
         args.search, args.run_id, args.trial_id, args.tracking_uri, args.name, args.shards
@@ -143,9 +192,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify audio files with the registered model")
     p.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, ...)")
     p.add_argument("--model", default="models:/esc50-cnn@champion", help="model URI (default %(default)s)")
-    p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
+    _shared(p, "--tracking-uri")
     p.add_argument("--top-k", type=int, default=5, help="classes to show per file (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument(
@@ -158,7 +205,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from search.predict import format_results, predict
+    from search.release.predict import format_results, predict
 
     results = predict(args.files, args.model, args.tracking_uri, args.top_k, args.allow_pickled)
     print(format_results(results, args.json))
@@ -174,22 +221,18 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "(all folds at once), ASHA stops bad trials early, MLflow records the search, every trial and "
         "every fold. Every option is saved with the search; --resume NAME continues it.",
     )
-    p.add_argument(
-        "--space",
-        help="named space (seed, default, cpu, augment, regularize: see `esc50 spaces`) "
-        "or a Python file path/to/space.py[:function] (default: default)",
-    )
-    p.add_argument("--trials", help="trials to run (default 20; --smoke: 2)")
-    p.add_argument(
-        "--epochs", help="epochs per trial, overriding the space's (default: the space's; --smoke: 2)"
-    )
+    _shared(p, "--space", help=SHARED["--space"]["help"] + " (default: default)")
+    _shared(p, "--trials", help="trials to run (default 20; --smoke: 2)")
+    _shared(p, "--epochs", help="epochs per trial, overriding the space's (default: the space's; --smoke: 2)")
     p.add_argument(
         "--folds", help="official folds to cross-validate, e.g. 1,2,3 (default 1,2,3,4,5; --smoke: 1,2)"
     )
     p.add_argument(
-        "--cpus-per-fold", help="CPUs of each fold worker, fractional allowed (default 1; --smoke: 0.5)"
+        "--cpus-per-fold",
+        type=_typed(float, "--cpus-per-fold"),
+        help="CPUs of each fold worker, fractional allowed (default 1; --smoke: 0.5)",
     )
-    p.add_argument("--gpus-per-fold", help="GPUs of each fold worker, fractional allowed (default 0)")
+    _shared(p, "--gpus-per-fold")
     p.add_argument(
         "--fold-layout",
         choices=("auto", "workers", "packed"),
@@ -202,34 +245,35 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--address", help="Ray cluster to connect to: auto or host:port (default: a local Ray on 127.0.0.1)"
     )
-    p.add_argument(
-        "--storage", help="where Tune keeps results and checkpoints: a path or URI (default ./runs)"
-    )
-    p.add_argument("--name", help="the search's name (default search-<date>-<time>)")
+    _shared(p, "--storage")
+    _shared(p, "--name", help="the search's name (default search-<date>-<time>)")
     p.add_argument("--experiment", help="MLflow experiment (default esc50)")
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
-    )
-    p.add_argument(
-        "--optuna-storage",
-        help="Optuna storage URL or SQLite file for the study, `none` for memory "
-        "(default: optuna.db beside a SQLite mlflow.db, else in --storage)",
-    )
-    p.add_argument("--seed", help="seed of the sampler (default 0)")
+    _shared(p, "--tracking-uri")
+    _shared(p, "--optuna-storage")
+    p.add_argument("--seed", type=_typed(int, "--seed"), help="seed of the sampler (default 0)")
     p.add_argument("--sampler", help="tpe (default), random or cmaes")
     p.add_argument("--no-asha", dest="asha", action="store_false", default=True, help="no early stopping")
     p.add_argument(
-        "--grace-period", help="epochs before ASHA may stop a trial (default: epochs/8, at least 1)"
+        "--grace-period",
+        type=_typed(int, "--grace-period"),
+        help="epochs before ASHA may stop a trial (default: epochs/8, at least 1)",
     )
-    p.add_argument("--reduction-factor", help="ASHA keeps 1 in this many trials at each rung (default 3)")
-    p.add_argument("--concurrency", help="trials at once (default: as many as the Ray cluster fits)")
-    p.add_argument("--max-failures", help="retries of a failed trial from its checkpoint (default 2)")
     p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny model, 2 folds, 2 trials, 2 epochs: a check in well under a minute",
+        "--reduction-factor",
+        type=_typed(float, "--reduction-factor"),
+        help="ASHA keeps 1 in this many trials at each rung (default 3)",
     )
+    p.add_argument(
+        "--concurrency",
+        type=_typed(int, "--concurrency"),
+        help="trials at once (default: as many as the Ray cluster fits)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=_typed(int, "--max-failures"),
+        help="retries of a failed trial from its checkpoint (default 2)",
+    )
+    _shared(p, "--smoke")
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME (in --storage)")
     p.add_argument(
         "--force",
@@ -247,26 +291,21 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_search)
 
 
-def _opt(value: str | None, option: str, kind: type) -> object:
-    if value is None:
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise UserError(f"{option} {value!r}: not {'an integer' if kind is int else 'a number'}") from None
-
-
-def search_options(args: argparse.Namespace):
+def search_options(args: argparse.Namespace) -> SearchOptions:
     """The SearchOptions of `esc50 search` arguments (defaults are filled by SearchOptions.resolve)."""
     from search.options import SearchOptions
 
+    if args.resume and args.name and args.name != args.resume:
+        raise UserError(f"--resume {args.resume} and --name {args.name}: name the search once")
+    if args.quiet and args.verbose:
+        raise UserError("-q and -v: choose one")
     given = {
         "space": args.space,
-        "trials": _opt(args.trials, "--trials", int),
-        "epochs": _opt(args.epochs, "--epochs", int),
+        "trials": args.trials,
+        "epochs": args.epochs,
         "folds": args.folds,
-        "cpus_per_fold": _opt(args.cpus_per_fold, "--cpus-per-fold", float),
-        "gpus_per_fold": _opt(args.gpus_per_fold, "--gpus-per-fold", float),
+        "cpus_per_fold": args.cpus_per_fold,
+        "gpus_per_fold": args.gpus_per_fold,
         "fold_layout": args.fold_layout,
         "shards": args.shards,
         "address": args.address,
@@ -274,23 +313,20 @@ def search_options(args: argparse.Namespace):
         "name": args.resume or args.name,
         "experiment": args.experiment,
         "tracking_uri": args.tracking_uri,
-        "seed": _opt(args.seed, "--seed", int),
+        "seed": args.seed,
         "sampler": args.sampler,
-        "grace_period": _opt(args.grace_period, "--grace-period", int),
-        "reduction_factor": _opt(args.reduction_factor, "--reduction-factor", float),
-        "concurrency": _opt(args.concurrency, "--concurrency", int),
-        "max_failures": _opt(args.max_failures, "--max-failures", int),
+        "grace_period": args.grace_period,
+        "reduction_factor": args.reduction_factor,
+        "concurrency": args.concurrency,
+        "max_failures": args.max_failures,
         "optuna_storage": args.optuna_storage,
     }
-    if args.resume and args.name and args.name != args.resume:
-        raise UserError(f"--resume {args.resume} and --name {args.name}: name the search once")
-    opts = SearchOptions(**{k: v for k, v in given.items() if v is not None})
-    opts.asha = args.asha
-    opts.smoke = args.smoke
-    if args.quiet and args.verbose:
-        raise UserError("-q and -v: choose one")
-    opts.verbose = 0 if args.quiet else 2 if args.verbose else 1
-    return opts
+    return SearchOptions(
+        **{k: v for k, v in given.items() if v is not None},
+        asha=args.asha,
+        smoke=args.smoke,
+        verbose=0 if args.quiet else 2 if args.verbose else 1,
+    )
 
 
 def _run_search(args: argparse.Namespace) -> int:
@@ -339,10 +375,7 @@ def _run_spaces(args: argparse.Namespace) -> int:
 # ---- ui --------------------------------------------------------------------------------------
 def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the searches' store")
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)",
-    )
+    _shared(p, "--tracking-uri")
     p.add_argument("--port", type=int, default=5000, help="default %(default)s")
     p.set_defaults(func=_run_ui)
 
@@ -356,16 +389,9 @@ def _run_ui(args: argparse.Namespace) -> int:
 # ---- dashboard -------------------------------------------------------------------------------
 def _add_dashboard(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dashboard", help="optuna-dashboard on 127.0.0.1 over the searches' Optuna studies")
-    p.add_argument(
-        "--optuna-storage",
-        help="Optuna storage URL or SQLite file (default: optuna.db beside the SQLite tracking store, "
-        "else in --storage)",
-    )
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI whose optuna.db to show (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
-    )
-    p.add_argument("--storage", help="Tune storage, when the tracking store is not SQLite (default ./runs)")
+    _shared(p, "--optuna-storage")
+    _shared(p, "--tracking-uri", help=TRACKING_HELP + "; its optuna.db is shown")
+    _shared(p, "--storage", help="Tune storage, when the tracking store is not SQLite (default ./runs)")
     p.add_argument("--port", type=int, default=8080, help="default %(default)s")
     p.set_defaults(func=_run_dashboard)
 
@@ -378,47 +404,30 @@ def _run_dashboard(args: argparse.Namespace) -> int:
 
 # ---- main ------------------------------------------------------------------------------------
 def _add_main(sub: argparse._SubParsersAction) -> None:
+    from search.pipeline import MAIN_EPOCHS, MAIN_SPACE, MAIN_TRIALS
+
     p = sub.add_parser(
         "main",
         help="the whole path on embedded defaults: prepare, search, promote (`make run`)",
         description="Prepare the shards (a no-op when up to date), run a search, promote its best trial. "
         "The defaults fit a 2-core CPU in about 15 minutes; raise --trials/--epochs on a GPU machine.",
     )
-    p.add_argument(
-        "--source", help="ESC-50 copy or archive URL (default: $ESC50_SOURCE, else the official archive)"
-    )
-    p.add_argument("--space", default="cpu", help="search space (default cpu)")
-    p.add_argument("--trials", type=int, help="trials (default 1; --smoke: 2)")
-    p.add_argument("--epochs", type=int, help="epochs per trial (default: the space's; --smoke: 2)")
-    p.add_argument("--name", help="the search's name (default main-<date>-<time>)")
-    p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)"
-    )
-    p.add_argument("--gpus-per-fold", type=float, default=0.0, help="GPUs of each fold worker (default 0)")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny model, 2 folds, 2 trials, 2 epochs: the whole path in a minute",
-    )
+    _shared(p, "--source")
+    _shared(p, "--space", default=MAIN_SPACE, help=f"search space (default {MAIN_SPACE})")
+    _shared(p, "--trials", help=f"trials (default {MAIN_TRIALS}; --smoke: 2)")
+    _shared(p, "--epochs", help=f"epochs per trial (default {MAIN_EPOCHS or 'the space’s own'}; --smoke: 2)")
+    _shared(p, "--name", help="the search's name (default main-<date>-<time>)")
+    _shared(p, "--tracking-uri")
+    _shared(p, "--gpus-per-fold", default=0.0)
+    _shared(p, "--smoke", help="tiny model, 2 folds, 2 trials, 2 epochs: the whole path in a minute")
     p.set_defaults(func=_run_main)
 
 
 def _run_main(args: argparse.Namespace) -> int:
-    import time
+    from search.pipeline import main_options, run_main
 
-    from search.options import SearchOptions
-    from search.pipeline import run_main
-
-    opts = SearchOptions(
-        name=args.name or "main-" + time.strftime("%Y%m%d-%H%M%S"),
-        space=args.space,
-        # unset under --smoke: the smoke defaults fill them (search/options.py)
-        # one trial of the `cpu` recipe is what 15 minutes on 2 cores buy (README, main job)
-        trials=args.trials if args.trials is not None or args.smoke else 1,
-        epochs=args.epochs,
-        tracking_uri=args.tracking_uri,
-        gpus_per_fold=args.gpus_per_fold,
-        smoke=args.smoke,
+    opts = main_options(
+        args.name, args.space, args.trials, args.epochs, args.tracking_uri, args.gpus_per_fold, args.smoke
     )
     result = run_main(args.source, opts)
     print(result.promoted.summary())
@@ -449,12 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # No usage statistics or telemetry from the libraries a command starts (set here, not at import).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = build_parser().parse_args(argv)  # a typed value that does not convert: UserError
+        command = args.command
         return int(args.func(args) or 0)
     except UserError as e:
-        print(f"esc50 {args.command}: error: {e}", file=sys.stderr)
+        print(f"esc50 {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"esc50 {args.command}: interrupted", file=sys.stderr)
+        print(f"esc50 {command}: interrupted", file=sys.stderr)
         return 130

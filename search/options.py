@@ -18,15 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.errors import UserError
+from search.store import tracking_uri
+from trainable.config import PRESETS
+from trainable.protocol import FOLDS, check_folds
 
-OPTIONS_FILE = "esc50_search.json"
 SAMPLERS = ("tpe", "random", "cmaes")
 FOLD_LAYOUTS = ("auto", "workers", "packed")  # trainable/layout.py's LAYOUTS (not imported: kept light)
 DEFAULT_STORAGE = "runs"
 DEFAULT_EXPERIMENT = "esc50"
-ALL_FOLDS = (1, 2, 3, 4, 5)
-# The tiny model of `--smoke` (TrainConfig keys; the space's other keys are kept).
-SMOKE_MODEL = {"arch": "cnn", "width": 4, "depth": 2, "batch_size": 16, "device": "cpu", "eval_crops": 0}
+# The tiny model of `--smoke`: the smoke preset's model (the space's other keys are kept).
+SMOKE_MODEL = {k: PRESETS["smoke"][k] for k in ("arch", "width", "depth", "batch_size", "device")}
+SMOKE_MODEL["eval_crops"] = 0
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -77,7 +79,7 @@ class SearchOptions:
         if o.epochs is None and o.smoke:
             o.epochs = 2
         if o.folds is None:
-            o.folds = (1, 2) if o.smoke else ALL_FOLDS
+            o.folds = (1, 2) if o.smoke else FOLDS
         o.folds = parse_folds(o.folds)
         if o.cpus_per_fold is None:
             o.cpus_per_fold = 0.5 if o.smoke else 1.0
@@ -111,10 +113,10 @@ class SearchOptions:
             except ImportError:
                 raise UserError("--sampler cmaes needs the `cmaes` package (pip install cmaes)") from None
         if o.shards is None:
-            from search.prepare import default_out
-            from trainable.features import FeatureParams
+            from trainable.model.features import FeatureParams
+            from trainable.shards import default_location
 
-            o.shards = default_out(FeatureParams())
+            o.shards = default_location(FeatureParams())
         o.shards = absolute(o.shards)
         o.storage = absolute(o.storage or DEFAULT_STORAGE)
         o.tracking_uri = tracking_uri(o.tracking_uri)
@@ -182,18 +184,11 @@ class SearchOptions:
 
 def parse_folds(folds: Any) -> tuple[int, ...]:
     """ "1,2" / [1, 2] -> (1, 2); UserError naming --folds otherwise."""
-    if isinstance(folds, str):
-        parts = [p for p in re.split(r"[,\s]+", folds.strip()) if p]
-    else:
-        parts = list(folds)
+    parts = [p for p in re.split(r"[,\s]+", folds.strip()) if p] if isinstance(folds, str) else folds
     try:
-        out = tuple(sorted({int(p) for p in parts}))
+        return check_folds(parts)
     except (TypeError, ValueError):
-        raise UserError(f"--folds {folds!r}: give official fold numbers, e.g. 1,2,3,4,5") from None
-    bad = [f for f in out if f not in ALL_FOLDS]
-    if not out or bad:
-        raise UserError(f"--folds {folds!r}: folds are among {','.join(map(str, ALL_FOLDS))}")
-    return out
+        raise UserError(f"--folds {folds!r}: folds are among {','.join(map(str, FOLDS))}") from None
 
 
 def absolute(location: str) -> str:
@@ -202,18 +197,6 @@ def absolute(location: str) -> str:
     if "://" in location:
         return location
     return os.path.abspath(os.path.expanduser(location))
-
-
-def tracking_uri(uri: str | None = None) -> str:
-    """The option, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db (made absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = uri[len("sqlite:///") :]
-        if path and path != ":memory:":
-            uri = "sqlite:///" + os.path.abspath(path)
-    elif "://" not in uri:  # a plain directory: MLflow's file store
-        uri = os.path.abspath(uri)
-    return uri
 
 
 def _positive(option: str, value: Any, integer: bool = False) -> None:

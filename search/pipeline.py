@@ -2,7 +2,7 @@
 
 It only strings the public steps together, so what it does is what a user would type:
     esc50 prepare; esc50 search --space cpu ...; esc50 promote --search NAME
-The defaults fit a 2-core CPU in about 15 minutes; on a GPU machine raise --trials/--epochs.
+The defaults are `make run`'s: they fit a 2-core CPU; on a GPU machine raise --trials/--epochs.
 """
 
 from __future__ import annotations
@@ -10,12 +10,21 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from search.options import SearchOptions
-from search.prepare import PrepareResult, prepare
-from search.promote import Promotion, promote
-from search.tune import SearchResult, run_search
-from trainable.features import FeatureParams
+
+if TYPE_CHECKING:
+    from search.data.prepare import PrepareResult
+    from search.release.promote import Promotion
+    from search.tune import SearchResult
+    from trainable.model.features import FeatureParams
+
+# `esc50 main`'s search (what `make run` runs); --smoke replaces trials and epochs with its own.
+# One trial of the `cpu` recipe is what 15 minutes on 2 cores buy (README, the main job).
+MAIN_SPACE = "cpu"
+MAIN_TRIALS = 1
+MAIN_EPOCHS: int | None = None  # the space's own (15 for `cpu`)
 
 
 @dataclass
@@ -26,6 +35,28 @@ class MainResult:
     seconds: float
 
 
+def main_options(
+    name: str | None = None,
+    space: str = MAIN_SPACE,
+    trials: int | None = None,
+    epochs: int | None = None,
+    tracking_uri: str | None = None,
+    gpus_per_fold: float = 0.0,
+    smoke: bool = False,
+) -> SearchOptions:
+    """The search of `esc50 main`: the embedded defaults where a value is not given."""
+    return SearchOptions(
+        name=name or "main-" + time.strftime("%Y%m%d-%H%M%S"),
+        space=space,
+        # unset under --smoke: the smoke defaults fill them (search/options.py)
+        trials=trials if trials is not None or smoke else MAIN_TRIALS,
+        epochs=epochs if epochs is not None or smoke else MAIN_EPOCHS,
+        tracking_uri=tracking_uri,
+        gpus_per_fold=gpus_per_fold,
+        smoke=smoke,
+    )
+
+
 def run_main(
     source: str | None,
     search: SearchOptions,
@@ -34,6 +65,11 @@ def run_main(
     model_name: str = "esc50-cnn",
 ) -> MainResult:
     """Prepare the shards (a no-op when up to date), run the search, promote its best trial."""
+    from search.data.prepare import prepare
+    from search.release.promote import promote
+    from search.tune import run_search
+    from trainable.model.features import FeatureParams
+
     t0 = time.perf_counter()
     params = params or FeatureParams()
     prepared = prepare(source, search.shards, params, workers=workers)

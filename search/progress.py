@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TextIO
 
+from trainable.protocol import METRIC
+
 
 class Progress:
     def __init__(
@@ -81,7 +83,7 @@ class TrialEvents:
         trials: int,
         epochs: int,
         concurrency: int,
-        metric: str = "cv_acc_mean",
+        metric: str = METRIC,
         every_s: float = 120.0,
         emit=None,
         clock=time.monotonic,

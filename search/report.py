@@ -19,12 +19,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.store import COMPLETED, FAILED, METRIC, PRUNED
-from search.tracking import checkpoint_uri, trial_status
+from search.store import COMPLETED, FAILED, PRUNED, planned_epochs, trial_status
+from trainable.errors import error_line
+from trainable.protocol import METRIC
+from trainable.storage import uri_of
 
 PENDING = "pending"
 
-METRIC_COLUMNS = {"cv_acc_mean": "acc", "cv_acc_std": "acc_std", "epoch": "epoch"}
+METRIC_COLUMNS = {METRIC: "acc", "cv_acc_std": "acc_std", "epoch": "epoch"}
 _TRIAL_DIR = re.compile(r"trial_([0-9a-f]{5,}(?:_\d+)?)")
 
 
@@ -61,8 +63,6 @@ def collect(
 
     `statuses`: the status the MLflow callback recorded per trial id (completed, pruned, failed,
     interrupted); a trial without one is judged from its results (never started: pending)."""
-    from trainable.config import TrainConfig
-
     rows = []
     for index, r in enumerate(results):
         metrics = dict(r.metrics or {})
@@ -75,7 +75,7 @@ def collect(
         )
         if errored:
             status = FAILED
-        epochs = int(config.get("epochs", TrainConfig().epochs))
+        epochs = planned_epochs(config)
         history: list[tuple[int, float]] = []
         df = r.metrics_dataframe
         if df is not None and METRIC in getattr(df, "columns", ()):
@@ -92,13 +92,15 @@ def collect(
                 status=status,
                 epochs_done=int(metrics.get("epoch") or 0),
                 epochs_planned=epochs,
-                cv_acc_mean=_num(metrics.get("cv_acc_mean")),
+                cv_acc_mean=_num(metrics.get(METRIC)),
                 cv_acc_std=_num(metrics.get("cv_acc_std")),
                 metrics=keep,
                 config=config,
-                checkpoint=checkpoint_uri(r.checkpoint) if r.checkpoint is not None else None,
+                checkpoint=uri_of(getattr(r.checkpoint, "filesystem", None), r.checkpoint.path)
+                if r.checkpoint is not None
+                else None,
                 run_id=(run_ids or {}).get(tid),
-                error=_first_line(r.error) if errored else None,
+                error=error_line(r.error, last=True) if errored else None,
                 history=history,
                 index=index,
             )
@@ -121,12 +123,6 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-def _first_line(e: Any) -> str:
-    text = str(e).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def ranked(rows: Sequence[TrialRow]) -> list[TrialRow]:
@@ -178,7 +174,7 @@ def _fmt(v: Any) -> str:
 def summary_table(rows: Sequence[TrialRow], sampled: Sequence[str] = (), limit: int = 25) -> str:
     """The ranked summary printed when a search ends."""
     params = [p for p in sampled if any(p in r.config for r in rows)][:6]
-    head = ["rank", "trial", "status", "epochs", "cv_acc_mean", "std", *params]
+    head = ["rank", "trial", "status", "epochs", METRIC, "std", *params]
     body = []
     for i, r in enumerate(rows[:limit], 1):
         body.append(
@@ -329,7 +325,7 @@ def write_plots(study: Any, folder: str) -> tuple[list[str], dict[str, str]]:
             try:
                 files.append(_plot(study, name, fn_name, folder, backend))
             except Exception as e:  # a plot Optuna cannot draw for this study (too few trials...)
-                skipped[f"{name} ({backend})"] = f"{type(e).__name__}: {_first_line(e)}"
+                skipped[f"{name} ({backend})"] = f"{type(e).__name__}: {error_line(e, last=True)}"
     return files, skipped
 
 

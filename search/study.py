@@ -52,10 +52,9 @@ def open_storage(url: str) -> Any:
     """An Optuna RDBStorage at `url` (created if new); UserError naming --optuna-storage if not."""
     import optuna
 
-    if url.startswith("sqlite:///"):
-        folder = os.path.dirname(url[len("sqlite:///") :]) or "."
-        if not os.path.isdir(folder):
-            raise UserError(f"--optuna-storage {url}: the folder {folder} does not exist")
+    from trainable.storage import check_sqlite_folder  # pyarrow: imported only when needed
+
+    check_sqlite_folder(url, "--optuna-storage")
     try:
         # SQLite: wait for a dashboard's read instead of failing a write with "database is locked"
         kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}

@@ -1,35 +1,16 @@
 """MLflow records of a search: one parent run per search, one nested child run per trial.
 
-    store.check_tracking(uri)                               # UserError before any trial starts
-    parent = open_search_run(uri, opts, space)              # created, or found again on resume
-    callback = MLflowTrialCallback(uri, parent.experiment_id, opts.name, parent.run_id, opts.folds)
-    tune.RunConfig(callbacks=[callback], ...)
-    finish_search_run(uri, parent.run_id, ...)              # best result, tables, plots
+    store.check_tracking(uri)                            # UserError before any trial starts
+    parent = open_search_run(uri, opts, space, budget)   # created, or found again on resume
+    tune.RunConfig(callbacks=[MLflowTrialCallback(uri, parent.experiment_id, opts.name, ...)])
+    close_search_run(uri, parent.run_id, ...)            # best result, counts, tables, plots; ended
 
-The parent run (tags `esc50.role=search`, `esc50.search=<name>`) holds every resolved option as a
-param, the budget, the space (its source and description) as artifacts, and when the search ends
-the best result (metrics `best_cv_acc_mean`..., tags `esc50.best_*`), the results CSV and the
-Optuna plots. Each child run (tags `esc50.role=trial`, `esc50.search`, `esc50.trial_id`,
-`mlflow.parentRunId`) holds the trial's resolved training config as params, every epoch's metrics
-(`cv_acc_mean`, `cv_acc_std`, per-fold `fold<k>_acc`/`fold<k>_loss`, ... at step = epoch), the tag
-`esc50.checkpoint` (its latest Tune checkpoint: meta.json + fold_<k>.pt) and the tag
-`esc50.status`: completed (MLflow FINISHED), pruned (stopped early by ASHA; MLflow KILLED),
-failed (MLflow FAILED), or interrupted (the driver stopped; MLflow KILLED until resumed). A trial
-that trains all its epochs also gets the artifact `oof/oof.npz` (its final epoch's out-of-fold
-predictions, for BBC-CV: search/bbc.py). Both kinds of run carry the code version and the shards'
-fingerprint and features (search/provenance.py: tags, and an MLflow dataset input).
-
-Nothing is logged twice: the callback finds a search's existing runs by tag (on resume), and skips
-an epoch already logged for a trial (a trial resumed from an older checkpoint reports it again).
-A trial's run is created with its Tune trial id as a tag in the one create request, and that tag
-is where its run id is recorded: a hook that fails after the create (params, metrics, a lost
-answer) is retried after reading the runs back by tag, and a resumed driver reads them the same
-way, so no retry or resume makes a second run for a trial.
-Only the driver talks to MLflow (the callback runs in the Tune driver), with the URI the driver
-resolved.
-
-The client, tags, statuses and queries live in search/store.py (no Ray there, so promote, predict
-and ui start fast); import them from there.
+The parent run holds every resolved option as a param, the budget, the space and, at the end, the
+best result; each child run the trial's config as params, every epoch's metrics (step = epoch),
+its latest checkpoint and its status (search/store.py: the tag names and statuses). Nothing is
+logged twice: a trial's run is created with its Tune trial id as a tag in the one create request,
+and found again by that tag after a failed hook or a resumed driver. Only the driver talks to
+MLflow (the callback runs in the Tune driver).
 """
 
 from __future__ import annotations
@@ -47,25 +28,43 @@ from ray import tune
 from search import provenance
 from search.errors import UserError
 from search.store import (
-    COMPLETED,
     FAILED,
     INTERRUPTED,
-    METRIC,
+    LOST,
     MLFLOW_STATUS,
-    PRUNED,
+    OPTIONS_FILE,
+    ROLE_SEARCH,
+    ROLE_TRIAL,
     RUNNING,
+    TAG_BEST_CHECKPOINT,
+    TAG_BEST_RUN,
+    TAG_BEST_TRIAL,
     TAG_CHECKPOINT,
+    TAG_ERROR,
+    TAG_FAILURES,
+    TAG_FOLDS,
+    TAG_NOTE,
     TAG_PARENT,
+    TAG_PLOTS_SKIPPED,
+    TAG_RESUMED,
+    TAG_RESUMED_COMMIT,
     TAG_ROLE,
+    TAG_SAMPLED,
     TAG_SEARCH,
     TAG_SPACE,
+    TAG_STATE,
     TAG_STATUS,
     TAG_TRIAL,
     TAG_TRIAL_ALIAS,
     client,
     experiment_id,
+    log_oof_artifact,
     search_runs,
+    trial_status,
 )
+from trainable.errors import error_line
+from trainable.protocol import METRIC, metric_names
+from trainable.storage import uri_of
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +97,9 @@ def open_search_run(
     data = dict(data or {})
     c = client(uri)
     exp_id = experiment_id(c, opts.experiment, uri)
-    found = search_runs(c, exp_id, opts.name, "search")
+    found = search_runs(c, exp_id, opts.name, ROLE_SEARCH)
     if found and not resume:
-        if search_runs(c, exp_id, opts.name, "trial"):
+        if search_runs(c, exp_id, opts.name, ROLE_TRIAL):
             raise UserError(
                 f"--name {opts.name}: MLflow at {uri} already has a search of that name (experiment "
                 f"{opts.experiment}); choose another --name, or --resume {opts.name} with its --storage"
@@ -112,15 +111,15 @@ def open_search_run(
         run = found[-1]
         if run.info.status != "RUNNING":
             c.update_run(run.info.run_id, status="RUNNING")
-        c.set_tag(run.info.run_id, "esc50.resumed", str(int(run.data.tags.get("esc50.resumed", "0")) + 1))
+        c.set_tag(run.info.run_id, TAG_RESUMED, str(int(run.data.tags.get(TAG_RESUMED, "0")) + 1))
         # the code that goes on with it (the search's own commit tag stays the one it started with)
-        c.set_tag(run.info.run_id, "esc50.resumed_commit", provenance.code_tags()[provenance.TAG_COMMIT])
+        c.set_tag(run.info.run_id, TAG_RESUMED_COMMIT, provenance.code_tags()[provenance.TAG_COMMIT])
         return SearchRun(run.info.run_id, exp_id, True)
     tags = {
-        TAG_ROLE: "search",
+        TAG_ROLE: ROLE_SEARCH,
         TAG_SEARCH: opts.name,
         TAG_SPACE: space.label,
-        "mlflow.note.content": _note(opts),
+        TAG_NOTE: _note(opts),
         **provenance.code_tags(),
         **provenance.data_tags(data.get("fingerprint"), data.get("features")),
     }
@@ -134,7 +133,7 @@ def open_search_run(
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        with open(os.path.join(d, "esc50_search.json"), "w") as f:
+        with open(os.path.join(d, OPTIONS_FILE), "w") as f:
             f.write(opts.to_json())
         src = "space.py"
         with open(os.path.join(d, src), "w") as f:
@@ -145,7 +144,7 @@ def open_search_run(
             text = f"(could not describe: {e})"
         with open(os.path.join(d, "space.txt"), "w") as f:
             f.write(f"space: {space.label}\noverrides: {dict(space.overrides)}\n\n{text}\n")
-        c.log_artifact(rid, os.path.join(d, "esc50_search.json"))
+        c.log_artifact(rid, os.path.join(d, OPTIONS_FILE))
         c.log_artifact(rid, os.path.join(d, src), "space")
         c.log_artifact(rid, os.path.join(d, "space.txt"), "space")
     return SearchRun(rid, exp_id, False)
@@ -170,84 +169,70 @@ def _note(opts: Any) -> str:
     )
 
 
-def finish_search_run(
+def close_search_run(
     uri: str,
     run_id: str,
-    status: str,
-    metrics: Mapping[str, float],
-    tags: Mapping[str, str],
+    rows: list[Any],
+    best: Any,
+    counts: Mapping[str, int],
+    fold_epochs: int,
+    interrupted: bool,
+    bbc: Any = None,
     artifacts: Iterable[tuple[str, str | None]] = (),
+    plots_skipped: str | None = None,
 ) -> None:
-    """Best result, counts and artifacts ((local file, artifact dir)) on the parent; then end it."""
+    """The search's outcome on its parent run, then the run ended (KILLED when `interrupted`, to be
+    resumed; else FINISHED): counts, the best trial (a report.TrialRow), BBC-CV (a bbc.BBCEstimate),
+    and `artifacts` ((local file, artifact dir)). A resume logs only the metrics that changed."""
     from mlflow.entities import Metric, RunTag
 
+    metrics: dict[str, float] = {
+        "n_trials": len(rows),
+        "n_completed": counts.get("completed", 0),
+        "n_pruned": counts.get("pruned", 0),
+        "n_failed": counts.get("failed", 0),
+        "fold_epochs": fold_epochs,
+    }
+    tags = {TAG_STATE: "interrupted" if interrupted else "finished"}
+    if best is not None:
+        metrics["best_cv_acc_mean"] = best.cv_acc_mean
+        if best.cv_acc_std is not None:
+            metrics["best_cv_acc_std"] = best.cv_acc_std
+        tags[TAG_BEST_TRIAL] = best.trial_id
+        tags[TAG_BEST_RUN] = best.run_id or ""
+        tags[TAG_BEST_CHECKPOINT] = best.checkpoint or ""
+    if bbc is not None:
+        metrics.update(bbc.metrics())  # bbc_cv_acc, bbc_cv_acc_lo, bbc_cv_acc_hi
+        metrics["bbc_trials"] = bbc.n_trials
+    if plots_skipped:
+        tags[TAG_PLOTS_SKIPPED] = plots_skipped[:5000]
     c = client(uri)
+    have = c.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v)]
+    ms = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _finite(v) and have.get(k) != v]
     c.log_batch(run_id, metrics=ms, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     for path, folder in artifacts:
         try:
             c.log_artifact(run_id, path, folder)
         except Exception as e:  # an artifact store hiccup must not lose the search's result
             log.warning("could not log artifact %s: %s", path, e)
-    c.set_terminated(run_id, status=status)
+    c.set_terminated(run_id, status="KILLED" if interrupted else "FINISHED")
+
+
+def fail_search_run(uri: str, run_id: str) -> None:
+    """End the parent run as FAILED (the search raised); quietly, the search's own error is what counts."""
+    try:
+        client(uri).set_terminated(run_id, status="FAILED")
+    except Exception:
+        pass
 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-# ---- trial status -------------------------------------------------------------------------------
-
-
-def trial_status(config: Mapping[str, Any], last_result: Mapping[str, Any] | None, errored: bool) -> str:
-    """completed (all epochs), pruned (stopped early by the scheduler) or failed."""
-    if errored:
-        return FAILED
-    from trainable.config import TrainConfig
-
-    epochs = int(config.get("epochs", TrainConfig().epochs))
-    done = int((last_result or {}).get("epoch") or 0)
-    return COMPLETED if done >= epochs else PRUNED
-
-
-def checkpoint_uri(checkpoint: Any) -> str:
-    """A Tune checkpoint's location as a path (local) or URI (object store) that pyarrow can open."""
-    path = str(checkpoint.path)
-    fs = getattr(checkpoint, "filesystem", None)
-    kind = getattr(fs, "type_name", "local")
-    if kind in ("local", "mock", None) or "://" in path:
-        return path
-    scheme = {"gcs": "gs"}.get(kind, kind)
-    return f"{scheme}://{path.lstrip('/')}"
-
-
-def log_oof_artifact(c: Any, run_id: str, checkpoint: Any) -> bool:
-    """The final epoch's out-of-fold predictions (the checkpoint's oof.npz, trainable/checkpoint.py)
-    as the trial run's artifact oof/oof.npz; False when this checkpoint has none (not the last epoch)."""
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    from search.oof import OOF_ARTIFACT_DIR
-    from trainable.checkpoint import OOF_FILE
-
-    fs = getattr(checkpoint, "filesystem", None) or pafs.LocalFileSystem()
-    path = f"{str(checkpoint.path).rstrip('/')}/{OOF_FILE}"
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return False
-    with tempfile.TemporaryDirectory(prefix="esc50_oof_") as d:
-        local = os.path.join(d, OOF_FILE)
-        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        c.log_artifact(run_id, local, OOF_ARTIFACT_DIR)
-    return True
-
-
 def trial_metrics(result: Mapping[str, Any], folds: Iterable[int]) -> dict[str, float]:
-    """The metrics the trainable reports (trainable/cv.py metric_names), numeric and present."""
-    from trainable.cv import metric_names
-
+    """The metrics the trainable reports (trainable/protocol.py), numeric and present."""
     out = {}
     for k in metric_names(folds):
         v = result.get(k)
@@ -337,7 +322,7 @@ class MLflowTrialCallback(tune.Callback):
     def _known(self) -> dict[str, str]:
         if self._runs is None:
             self._runs = {}
-            runs = search_runs(self.client, self.experiment_id, self.search, "trial")
+            runs = search_runs(self.client, self.experiment_id, self.search, ROLE_TRIAL)
             # The oldest run of a trial is its run (a store written before runs were recorded at
             # creation may hold a later, second one).
             for run in sorted(runs, key=lambda r: r.info.start_time or 0):
@@ -383,14 +368,14 @@ class MLflowTrialCallback(tune.Callback):
     def _create_run(self, trial: Any) -> str:
         tid = trial.trial_id
         tags = {
-            TAG_ROLE: "trial",
+            TAG_ROLE: ROLE_TRIAL,
             TAG_SEARCH: self.search,
             TAG_TRIAL: tid,
             TAG_TRIAL_ALIAS: tid,
             TAG_PARENT: self.parent_run_id,
             TAG_STATUS: RUNNING,
-            "esc50.folds": ",".join(map(str, self.folds)),
-            "esc50.sampled": ",".join(k for k in self.sampled if k in trial.config),
+            TAG_FOLDS: ",".join(map(str, self.folds)),
+            TAG_SAMPLED: ",".join(k for k in self.sampled if k in trial.config),
             **getattr(self, "code", {}),
             **provenance.data_tags(
                 getattr(self, "data", {}).get("fingerprint"), getattr(self, "data", {}).get("features")
@@ -402,7 +387,7 @@ class MLflowTrialCallback(tune.Callback):
         rid = self.run_id(trial)
         self.client.set_tag(rid, TAG_STATUS, status)
         if error:
-            self.client.set_tag(rid, "esc50.error", error[:5000])
+            self.client.set_tag(rid, TAG_ERROR, error[:5000])
         self.client.set_terminated(rid, status=MLFLOW_STATUS[status])
         self._done.add(trial.trial_id)
 
@@ -421,7 +406,7 @@ class MLflowTrialCallback(tune.Callback):
         live = {t.trial_id for t in trials}
         for tid, rid in list(self._known().items()):
             if tid not in live:
-                self.client.set_tag(rid, TAG_STATUS, "lost")
+                self.client.set_tag(rid, TAG_STATUS, LOST)
                 self.client.set_terminated(rid, status="KILLED")
                 self.client.delete_run(rid)
                 del self._runs[tid]  # type: ignore[union-attr]
@@ -455,12 +440,14 @@ class MLflowTrialCallback(tune.Callback):
     @_safe
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         rid = self.run_id(trial)
-        self.client.set_tag(rid, TAG_CHECKPOINT, checkpoint_uri(checkpoint))
+        self.client.set_tag(
+            rid, TAG_CHECKPOINT, uri_of(getattr(checkpoint, "filesystem", None), checkpoint.path)
+        )
         log_oof_artifact(self.client, rid, checkpoint)
 
     @_safe
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_tag(self.run_id(trial), "esc50.failures", str(getattr(trial, "num_failures", "")))
+        self.client.set_tag(self.run_id(trial), TAG_FAILURES, str(getattr(trial, "num_failures", "")))
 
     @_safe
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -472,8 +459,9 @@ class MLflowTrialCallback(tune.Callback):
         try:
             if trial.error_file and os.path.exists(trial.error_file):
                 with open(trial.error_file) as f:
-                    error = f.read().strip().splitlines()[-1]
-        except (OSError, IndexError):
+                    text = f.read()
+                error = error_line(text, last=True, limit=5000) if text.strip() else None
+        except OSError:
             pass
         self._set_status(trial, FAILED, error)
 

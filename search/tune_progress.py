@@ -16,7 +16,8 @@ from typing import Any
 from ray import tune
 
 from search.progress import TrialEvents
-from search.store import METRIC
+from search.store import trial_status
+from trainable.protocol import METRIC
 
 
 class TrialProgress(tune.Callback):
@@ -65,8 +66,6 @@ class TrialProgress(tune.Callback):
         if not self.enabled or getattr(self, "_seeded", False):
             return
         self._seeded = True
-        from search.tracking import trial_status
-
         ev = self.events
         for t in trials:
             if t.status in ("TERMINATED", "ERROR"):
@@ -95,8 +94,6 @@ class TrialProgress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         if self.enabled:
-            from search.tracking import trial_status
-
             last = trial.last_result or {}
             status = trial_status(trial.config, last, errored=False)
             self.events.ended_as(trial.trial_id, status, last.get(METRIC))

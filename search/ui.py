@@ -15,8 +15,9 @@ import subprocess
 import sys
 
 from search.errors import UserError
-from search.options import tracking_uri as resolve_uri
-from search.store import artifact_root, check_tracking
+from search.store import ROLE_SEARCH, TAG_CHAMPION, TAG_STATUS, TAG_VIEW_PREFIX, artifact_root, check_tracking
+from search.store import tracking_uri as resolve_uri
+from trainable.protocol import METRIC
 
 
 def ui_command(uri: str, port: int = 5000, host: str = "127.0.0.1") -> list[str]:
@@ -61,13 +62,13 @@ def run_ui(uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") ->
 # for `viewStateShareKey`) shows the search's columns on first open, without configuration.
 VIEW_KEY = "esc50-runs"
 VIEW_COLUMNS = [
-    "metrics.`cv_acc_mean`",  # a trial's mean over the folds (its last epoch)
+    f"metrics.`{METRIC}`",  # a trial's mean over the folds (its last epoch)
     "metrics.`best_cv_acc_mean`",  # the search run's best trial
     "metrics.`bbc_cv_acc`",  # the search's bias-corrected estimate and its interval, where logged
     "metrics.`bbc_cv_acc_lo`",
     "metrics.`bbc_cv_acc_hi`",
-    "tags.`esc50.status`",  # completed / pruned / failed
-    "tags.`esc50.champion`",  # the champion's version, on its trial and search runs
+    f"tags.`{TAG_STATUS}`",  # completed / pruned / failed
+    f"tags.`{TAG_CHAMPION}`",  # the champion's version, on its trial and search runs
     "attributes.`Models`",
 ]
 
@@ -83,7 +84,7 @@ def write_runs_view(c: object, experiment_id: str) -> None:
     import json
 
     view = {"selectedColumns": VIEW_COLUMNS, "orderByKey": "attributes.start_time", "orderByAsc": False}
-    c.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+    c.set_experiment_tag(experiment_id, f"{TAG_VIEW_PREFIX}{VIEW_KEY}", json.dumps(view))
 
 
 def search_experiments(uri: str) -> list[tuple[str, str]]:
@@ -94,7 +95,7 @@ def search_experiments(uri: str) -> list[tuple[str, str]]:
     return [
         (e.experiment_id, e.name)
         for e in c.search_experiments()
-        if c.search_runs([e.experiment_id], f"tags.`{TAG_ROLE}` = 'search'", max_results=1)
+        if c.search_runs([e.experiment_id], f"tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'", max_results=1)
     ]
 
 

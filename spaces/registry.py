@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.errors import UserError
 from spaces.builtin import SPACES
 from trainable.config import TrainConfig
+from trainable.errors import UserError
 
 SpaceFn = Callable[[Any], "dict[str, Any] | None"]
 DEFAULT_FUNCTION = "space"

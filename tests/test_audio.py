@@ -11,7 +11,7 @@ import torch
 import torchaudio
 
 from trainable.audio import AudioError, decode, load_wave, log_mel_files
-from trainable.features import FeatureParams, LogMel
+from trainable.model.features import FeatureParams, LogMel
 
 
 def reference_wave(path: Path, p: FeatureParams) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 import torch
 
-from trainable import augment as A
 from trainable.config import TrainConfig
+from trainable.model import augment as A
 
 
 def _batch(b=6, m=16, t=40):
@@ -26,20 +26,22 @@ def test_gain_is_an_offset_within_bounds():
 
 def test_roll_is_a_per_clip_circular_shift():
     x = _batch()
-    y = A.random_roll(x, 0.5, gen())
+    rows = torch.arange(len(x))
+    y = A.take(x, rows, 0, 0.5, gen(), A.wrap(x))
     assert y.shape == x.shape
     for i in range(len(x)):
         assert any(torch.equal(y[i], torch.roll(x[i], s, dims=-1)) for s in range(-20, 21))
-    assert torch.equal(A.random_roll(x, 0.0, gen()), x)
+    assert torch.equal(A.take(x, rows, 0, 0.0, gen()), x)
 
 
 def test_crop_takes_contiguous_windows():
     x = _batch()
-    y = A.random_crop(x, 25, gen())
+    rows = torch.arange(len(x))
+    y = A.take(x, rows, 25, 0.0, gen())
     assert y.shape == (6, 16, 25)
     for i in range(len(x)):
         assert any(torch.equal(y[i], x[i, :, s : s + 25]) for s in range(16))
-    assert A.random_crop(x, 0, gen()) is x and A.random_crop(x, 100, gen()) is x
+    assert torch.equal(A.take(x, rows, 0, 0.0, gen()), x) and torch.equal(A.take(x, rows, 100, 0.0, gen()), x)
 
 
 def test_eval_crops_cover_the_clip():

@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from search.cli import main
+from search.cluster import STORAGE_ENV
 from search.errors import UserError
 from search.options import SearchOptions
-from search.promote import promote
-from search.tune import STORAGE_ENV, run_search
+from search.release.promote import promote
+from search.tune import run_search
 
 STARTUP_S = 180
 

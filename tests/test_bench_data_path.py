@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import data_path_bench as bench  # noqa: E402
 
 from trainable.config import TrainConfig  # noqa: E402
-from trainable.features import FeatureParams  # noqa: E402
+from trainable.model.features import FeatureParams  # noqa: E402
 
 
 def test_both_paths_deliver_what_they_time(esc50_tree: Path, tiny_shards: str, tmp_path: Path) -> None:

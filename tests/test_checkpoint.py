@@ -1,4 +1,4 @@
-"""The checkpoint layout (trainable/checkpoint.py): round trip with real fold states, errors that
+"""The checkpoint layout (trainable/model/checkpoint.py): round trip with real fold states, errors that
 name the file at fault, atomic writes, and that both writers (trainable, promotion) agree with it."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainable import checkpoint as layout
-from trainable.checkpoint import (
+from trainable.config import TrainConfig
+from trainable.fold import FoldTrainer
+from trainable.model import checkpoint as layout
+from trainable.model.checkpoint import (
     FORMAT,
     META_FILE,
     CheckpointError,
@@ -25,8 +27,6 @@ from trainable.checkpoint import (
     state_to_bytes,
     write_checkpoint,
 )
-from trainable.config import TrainConfig
-from trainable.fold import FoldTrainer
 
 N_MELS, FRAMES, CLASSES = 16, 24, 4
 FOLDS = (1, 3)
@@ -229,7 +229,8 @@ def test_trainable_and_promotion_share_the_layout(
     tmp_path: Path, states: dict[int, dict], tiny_params
 ) -> None:
     """What the Tune trainable writes, the promoted model reads; promotion's slim copy reads back too."""
-    from trainable import cv, ensemble
+    from trainable import cv
+    from trainable.model import ensemble
 
     shared = cv.SharedData(
         arrays=[],
@@ -245,7 +246,7 @@ def test_trainable_and_promotion_share_the_layout(
     )
     meta, blobs = cv.read_checkpoint(full)
     assert meta["folds"] == [1, 3] and set(blobs) == {1, 3}
-    _, loaded = cv.load_fold_states(full)
+    _, loaded = read_checkpoint(full)
     assert_same_state(states[1], loaded[1])
 
     meta, loaded = ensemble.read_checkpoint(full)
@@ -262,7 +263,7 @@ def test_trainable_and_promotion_share_the_layout(
 def test_importing_the_layout_imports_neither_torch_nor_ray() -> None:
     """The Tune trial process writes and reads checkpoints without importing torch (seconds per trial)."""
     code = (
-        "import sys, trainable.checkpoint\n"
+        "import sys, trainable.model.checkpoint\n"
         "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -9,22 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from trainable.checkpoint import read_oof
 from trainable.config import TrainConfig
 from trainable.cv import (
-    METRIC,
     FoldWorkerError,
     SharedData,
     cv_metrics,
-    load_fold_states,
     make_trainable,
-    metric_names,
     read_checkpoint,
     resolve_config,
     share_data,
     write_checkpoint,
 )
 from trainable.fold_worker import split_fold, state_to_bytes
+from trainable.model.checkpoint import read_checkpoint as read_checkpoint_states
+from trainable.model.checkpoint import read_oof
+from trainable.protocol import METRIC, metric_names
 
 SMOKE = TrainConfig.preset("smoke").to_dict()
 
@@ -83,7 +82,7 @@ def test_checkpoint_roundtrip_and_missing_fold(tmp_path: Path, tiny_params) -> N
     states = {1: state_to_bytes({"epoch": 3, "w": torch.ones(2)}), 4: state_to_bytes({"epoch": 3})}
     write_checkpoint(tmp_path, cfg, shared, states, 3, {"cv_acc_mean": 0.5, "epoch": 3}, {1: "n1", 4: "n2"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fold_1.pt", "fold_4.pt", "meta.json"]
-    meta, loaded = load_fold_states(tmp_path)
+    meta, loaded = read_checkpoint_states(tmp_path)
     assert meta["folds"] == [1, 4] and meta["epoch"] == 3 and meta["shards"] == "/data/shards"
     assert meta["nodes"] == {"1": "n1", "4": "n2"} and meta["fingerprint"] == "abc"
     assert resolve_config(meta["config"]) == cfg and meta["features"] == tiny_params.to_dict()
@@ -150,7 +149,7 @@ def test_two_fold_trial_reports_fold_mean_and_writes_contract_checkpoint(
         files = sorted(p.name for p in Path(d).iterdir())
         assert {"meta.json", "fold_1.pt", "fold_2.pt"} <= set(files)
         assert "oof.npz" not in files  # stopped before its last epoch: no out-of-fold predictions
-        meta, states = load_fold_states(d)
+        meta, states = read_checkpoint_states(d)
     assert meta["epoch"] == 2 and meta["folds"] == [1, 2]
     assert TrainConfig.from_dict(meta["config"]) == TrainConfig.from_dict({**SMOKE, "epochs": 3})
     assert meta["features"] == tiny_params.to_dict()
@@ -202,7 +201,7 @@ def test_killed_fold_worker_fails_the_trial_and_retry_resumes_from_checkpoint(
     assert result.metrics["iterations_since_restore"] == 2, result.metrics
     assert result.metrics["training_iteration"] == 4
     with result.checkpoint.as_directory() as d:
-        meta, states = load_fold_states(d)
+        meta, states = read_checkpoint_states(d)
         oof = read_oof(d)  # the final epoch's out-of-fold predictions, after a retry too
     assert [h["epoch"] for h in states[2]["history"]] == [1, 2, 3, 4]
     data = load_shards(tiny_shards)

@@ -11,7 +11,7 @@ import torch
 
 from trainable.config import TrainConfig
 from trainable.fold import FoldTrainer, lr_factor, train_fold
-from trainable.models import build_model
+from trainable.model.networks import build_model
 
 N_MELS, FRAMES, CLASSES = 16, 24, 4
 

@@ -1,4 +1,4 @@
-"""search/meta.py: every bad ESC-50 copy fails before decoding, naming the file and CSV line."""
+"""search/data/metadata.py: every bad ESC-50 copy fails before decoding, naming the file and CSV line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from search.meta import MetadataError, read_metadata
+from search.data.metadata import MetadataError, read_metadata
 from tests.fixtures.audio import copy_tree, read_rows, write_rows
 
 

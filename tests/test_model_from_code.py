@@ -1,4 +1,4 @@
-"""The shipped model holds no pickled code: it is an MLflow model from code (trainable/pyfunc_entry.py
+"""The shipped model holds no pickled code: it is an MLflow model from code (trainable/model/pyfunc_entry.py
 plus the shipped `trainable/` sources) whose weights are state dicts that load with
 `torch.load(weights_only=True)`. A version registered before that (a cloudpickled `EnsembleModel`)
 keeps its place in the aliases and rollback, but `esc50 predict` refuses to load it unless told to."""
@@ -14,9 +14,9 @@ import yaml
 
 from search.cli import main
 from search.errors import UserError
-from search.predict import pickled_code, predict
-from search.promote import promote
-from search.registry import CHAMPION, PREVIOUS, register_champion, rollback
+from search.release.champion import CHAMPION, PREVIOUS, register_champion, rollback
+from search.release.predict import pickled_code, predict
+from search.release.promote import promote
 from tests.fixtures.promoted import log_search
 from tests.test_promote import _aliases, _trial
 
@@ -59,21 +59,17 @@ def test_the_shipped_model_holds_no_pickled_python_object(promoted, tmp_path: Pa
             # (protocol 2+ starts with 0x80) is not valid UTF-8
             p.read_bytes().decode("utf-8")
     sources = {p.relative_to(model_dir).as_posix() for p in files if p.suffix == ".py"}
-    assert "pyfunc_entry.py" in sources and "code/trainable/ensemble.py" in sources
+    assert "pyfunc_entry.py" in sources and "code/trainable/model/ensemble.py" in sources
 
 
 def _log_pickled_version(checkpoint: Path, work: Path) -> str:
     """A version as promotions before this change logged it: a cloudpickled EnsembleModel instance."""
     import mlflow
 
-    import trainable
-    from search.promote import SHIPPED
-    from trainable.ensemble import CHECKPOINT_ARTIFACT, EnsembleModel
+    from search.release.promote import model_code
+    from trainable.model.ensemble import CHECKPOINT_ARTIFACT, EnsembleModel
 
-    code = work / "code" / "trainable"
-    code.mkdir(parents=True)
-    for name in SHIPPED:
-        (code / name).write_bytes((Path(trainable.__file__).parent / name).read_bytes())
+    code = model_code(work / "code")
     exp = mlflow.create_experiment("old", artifact_location=str(work / "artifacts"))
     with mlflow.start_run(experiment_id=exp):
         info = mlflow.pyfunc.log_model(
@@ -109,3 +105,36 @@ def test_an_older_pickled_version_keeps_its_aliases_but_is_not_loaded_unless_all
     assert "refusing to load models:/esc50-cnn@champion" in err and "--allow-pickled" in err
     assert main(["predict", str(clip), "--tracking-uri", mlflow_uri, "--allow-pickled", "--json"]) == 0
     assert category in capsys.readouterr().out
+
+
+def test_a_version_whose_code_names_the_old_module_path_still_predicts(
+    trained_checkpoint, new_clips, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """Versions promoted before the model's code moved to trainable/model/ load `EnsembleModel`
+    from `trainable.ensemble`; in `esc50 predict` this project's `trainable` is imported first, so
+    that name must still lead to the ensemble (trainable/ensemble.py)."""
+    import mlflow
+
+    from search.release.promote import model_code
+    from search.store import client
+    from trainable.model.checkpoint import read_checkpoint
+    from trainable.model.ensemble import CHECKPOINT_ARTIFACT, write_slim_checkpoint
+
+    entry = tmp_path / "pyfunc_entry.py"
+    entry.write_text(
+        "import mlflow.models\n\nfrom trainable.ensemble import EnsembleModel\n\n"
+        "mlflow.models.set_model(EnsembleModel())\n"
+    )
+    meta, states = read_checkpoint(trained_checkpoint.path)
+    write_slim_checkpoint(tmp_path / "slim", meta, states)
+    c = client(mlflow_uri)
+    with mlflow.start_run(experiment_id=mlflow.create_experiment("old-code")):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(entry),
+            artifacts={CHECKPOINT_ARTIFACT: str(tmp_path / "slim")},
+            code_paths=[str(model_code(tmp_path / "code"))],
+        )
+    register_champion(c, "esc50-cnn", info.model_uri, {}, "old module path")
+    clip, category = new_clips[0]
+    assert predict([clip], tracking=mlflow_uri)[0]["label"] == category

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trainable.config import TrainConfig
-from trainable.models import ARCHITECTURES, MelNorm, build_model, count_parameters
+from trainable.model.networks import ARCHITECTURES, MelNorm, build_model, count_parameters
 
 
 @pytest.fixture(autouse=True)

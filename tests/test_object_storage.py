@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from search.promote import promote
+from search.release.promote import promote
 from search.store import client
 from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
 
@@ -78,7 +78,7 @@ def bucket(s3_server) -> str:
 def s3_shards(s3_server, bucket: str, esc50_tree: Path, tiny_params) -> str:
     """`esc50 prepare --out s3://...`, in this process, with the AWS variables set; once for the
     module (the searches only read the shards)."""
-    from search.prepare import prepare
+    from search.data.prepare import prepare
 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in s3_server.env.items():

@@ -1,4 +1,4 @@
-"""The out-of-fold report (search/oof.py): which model predicts which clip, the report's files and
+"""The out-of-fold report (search/release/oof.py): which model predicts which clip, the report's files and
 metrics, and where the trial's shards are found."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from search.errors import UserError
-from search.oof import OutOfFold, out_of_fold, shards_uri, write_report
-from search.promote import Trial, load_checkpoint
+from search.release.oof import OutOfFold, out_of_fold, shards_uri, write_report
+from search.release.promote import Trial, load_checkpoint
 
 
 def test_out_of_fold_predictions_come_from_the_model_that_did_not_train_on_the_clip(

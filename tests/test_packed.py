@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainable.checkpoint import state_from_bytes, state_to_bytes
 from trainable.config import TrainConfig
 from trainable.fold import FoldTrainer
+from trainable.model.checkpoint import state_from_bytes, state_to_bytes
 from trainable.packed import PackedTrainer, pack
 
 # Augmentation on (every draw is per fold: crop, roll, gain, masks, mixup), dropout 0: packed

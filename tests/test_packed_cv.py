@@ -10,9 +10,10 @@ import pytest
 from search.concurrency import trial_resources
 from search.options import SearchOptions
 from tests.test_cv import SMOKE, _assert_all_resources_free, _tune
-from trainable.checkpoint import state_from_bytes
-from trainable.cv import TRIAL_CPUS, load_fold_states, make_trainable
+from trainable.cv import TRIAL_CPUS, make_trainable
 from trainable.layout import resolve_layout, trial_bundles
+from trainable.model.checkpoint import read_checkpoint as read_checkpoint_states
+from trainable.model.checkpoint import state_from_bytes
 
 
 def _bundles(trainable) -> list[dict[str, float]]:
@@ -64,7 +65,7 @@ def test_packed_trial_retries_from_its_checkpoint_after_the_worker_is_killed(
     assert m["cv_acc_mean"] == pytest.approx((m["fold1_acc"] + m["fold2_acc"]) / 2)
     with results[0].checkpoint.as_directory() as d:
         assert {"meta.json", "fold_1.pt", "fold_2.pt"} <= {p.name for p in Path(d).iterdir()}
-        meta, states = load_fold_states(d)
+        meta, states = read_checkpoint_states(d)
     assert meta["epoch"] == 4 and meta["folds"] == [1, 2]
     assert [h["epoch"] for h in states[1]["history"]] == [1, 2, 3, 4]
     assert states[2]["fold"] == 2 and set(meta["nodes"]) == {"1", "2"}
@@ -138,7 +139,7 @@ def test_packed_search_records_per_fold_metrics_in_mlflow(
         (run.data.metrics["fold1_acc"] + run.data.metrics["fold2_acc"]) / 2
     )
     # the final checkpoint holds the out-of-fold predictions, scored as the per-fold accuracies were
-    from trainable.checkpoint import read_oof
+    from trainable.model.checkpoint import read_oof
 
     oof = read_oof(result.best_checkpoint)
     for k in (1, 2):

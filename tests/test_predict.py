@@ -13,7 +13,7 @@ import soundfile as sf
 
 from search.cli import main
 from search.errors import UserError
-from search.predict import predict
+from search.release.predict import predict
 from trainable.audio import decode
 
 REAL_AUDIO = Path(__file__).resolve().parents[2] / "shared" / "esc50" / "audio"
@@ -121,7 +121,7 @@ def test_pyfunc_inputs_dict_records_path_and_bad_requests(promoted, new_clips, m
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from trainable.serving import PATH_REFUSED
+    from trainable.model.serving import PATH_REFUSED
 
     path, category = new_clips[2]
     monkeypatch.setenv("ESC50_SERVE_AUDIO_DIR", str(path.parent))  # read when the model loads

@@ -1,4 +1,4 @@
-"""search/prepare.py and `esc50 prepare`: values, metadata round trip, idempotence, atomicity, errors."""
+"""search/data/prepare.py and `esc50 prepare`: values, metadata round trip, idempotence, atomicity, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from search import prepare as prep
 from search.cli import main
+from search.data import prepare as prep
 from search.errors import UserError
 from tests.fixtures.audio import copy_tree, read_rows
 from tests.test_audio import reference_logmel
@@ -127,7 +127,7 @@ def test_default_out_depends_on_params(tiny_params, monkeypatch, tmp_path, esc50
     monkeypatch.chdir(tmp_path)
     r = prep.prepare(str(esc50_tree), None, tiny_params, workers=1, progress=False)
     assert r.out == os.path.join("data", "shards", tiny_params.digest())
-    assert prep.default_out(dataclasses.replace(tiny_params, storage_dtype="uint8")) != r.out
+    assert shards.default_location(dataclasses.replace(tiny_params, storage_dtype="uint8")) != r.out
     assert os.path.isfile(os.path.join(r.out, MANIFEST))
 
 

@@ -16,8 +16,8 @@ import torch
 
 from search.cli import main
 from search.errors import UserError
-from search.promote import promote
-from search.registry import CHAMPION, PREVIOUS
+from search.release.champion import CHAMPION, PREVIOUS
+from search.release.promote import promote
 from tests.fixtures.promoted import copy_checkpoint, log_search
 from tests.fixtures.search_store import copy_store
 
@@ -147,7 +147,7 @@ model = mlflow.pyfunc.load_model("models:/esc50-cnn@champion")
 wave, rate = np.load(sys.argv[1]), int(sys.argv[2])
 out = model.predict(pd.DataFrame({"waveform": [wave, wave[: len(wave) // 3]], "sample_rate": [rate, rate]}))
 print(json.dumps({"probs": out["probabilities"].tolist(), "labels": out["label"].tolist(),
-                  "code": sys.modules["trainable.ensemble"].__file__}))
+                  "code": sys.modules["trainable.model.ensemble"].__file__}))
 """
 
 
@@ -158,9 +158,9 @@ def test_promoted_model_in_a_fresh_process_matches_the_fold_models(
     checkpoint's fold models, computed here with the training code (FoldTrainer, LogMel, to_wave)."""
     from trainable.audio import decode, to_wave
     from trainable.config import TrainConfig
-    from trainable.ensemble import read_checkpoint
-    from trainable.features import FeatureParams, LogMel
     from trainable.fold import FoldTrainer
+    from trainable.model.ensemble import read_checkpoint
+    from trainable.model.features import FeatureParams, LogMel
 
     path, category = new_clips[4]  # high_beep, OGG, stereo
     wave, rate = decode(path)
@@ -177,7 +177,7 @@ def test_promoted_model_in_a_fresh_process_matches_the_fold_models(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "/code/trainable/ensemble.py" in got["code"] and not got["code"].startswith(str(Path.cwd()))
+    assert "/code/trainable/model/ensemble.py" in got["code"] and not got["code"].startswith(str(Path.cwd()))
 
     meta, states = read_checkpoint(promoted.checkpoint.path)
     params = FeatureParams.from_dict(meta["features"])

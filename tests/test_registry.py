@@ -1,5 +1,5 @@
 """The registry's two aliases: a promotion moves `champion` to the new version and `previous` to the
-one it replaced; a rollback moves them back one step at a time (search/registry.py)."""
+one it replaced; a rollback moves them back one step at a time (search/release/champion.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from search.cli import main
 from search.errors import UserError
-from search.promote import promote
-from search.registry import CHAMPION, PREVIOUS, rollback
+from search.release.champion import CHAMPION, PREVIOUS, rollback
+from search.release.promote import promote
 from tests.fixtures.promoted import copy_checkpoint, log_search
 from tests.test_promote import _aliases, _trial
 

@@ -175,7 +175,7 @@ def test_resume_refuses_shards_of_another_fingerprint_unless_forced(
     base: list[str], tiny_shards: str, mlflow_uri: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The search "moved" started on shards with another fingerprint (its esc50_data.json says so)."""
-    from search.tune import DATA_FILE, _shards_record
+    from search.experiment import DATA_FILE, shards_record
 
     opts = SearchOptions(
         name="moved", smoke=True, shards=tiny_shards, tracking_uri=mlflow_uri, storage=str(tmp_path / "runs")
@@ -189,12 +189,12 @@ def test_resume_refuses_shards_of_another_fingerprint_unless_forced(
     assert f"--resume moved: the shards at {tiny_shards} have fingerprint " in err
     assert "the search started with 0123abcd" in err and "--force" in err
     # --force goes on with the shards as they are now (the record the new trials carry)
-    now = _shards_record(opts, resume=True, force=True)
+    now = shards_record(opts, resume=True, force=True)
     manifest = json.loads((Path(tiny_shards) / "_manifest.json").read_text())
     assert now["fingerprint"] == manifest["fingerprint"] != "0123abcd"
     # the same fingerprint resumes without --force; --force alone is not a resume
     (saved / DATA_FILE).write_text(json.dumps({"fingerprint": manifest["fingerprint"]}))
-    assert _shards_record(opts, resume=True, force=False)["fingerprint"] == manifest["fingerprint"]
+    assert shards_record(opts, resume=True, force=False)["fingerprint"] == manifest["fingerprint"]
     assert "--force: only with --resume" in _error(base + ["--force"], capsys)
 
 
@@ -212,7 +212,7 @@ def test_searcher_tells_optuna_which_trials_asha_stopped() -> None:
     """A trial stopped early is PRUNED for TPE (ranked below finished trials), with its last value."""
     import optuna
 
-    from search.tune import EarlyStopAwareOptunaSearch
+    from search.searcher import EarlyStopAwareOptunaSearch
     from spaces import load_space
 
     space = load_space("regularize", {"epochs": 4})
@@ -231,7 +231,7 @@ def test_stored_study_ignores_a_replayed_result_of_a_finished_trial(tmp_path: Pa
     """After a killed driver, Tune's saved state can lag the stored study: the resumed search
     replays results of a trial the study already saw complete. The first record stands."""
     from search.options import SearchOptions
-    from search.tune import make_searcher
+    from search.searcher import make_searcher
     from spaces import load_space
 
     opts = SearchOptions(

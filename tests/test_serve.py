@@ -1,5 +1,5 @@
 """`mlflow models serve -m models:/esc50-cnn@champion` on loopback: class names for waveforms, and
-what a request may not do (trainable/serving.py): read files outside the audio directory, tell
+what a request may not do (trainable/model/serving.py): read files outside the audio directory, tell
 files apart by their errors, or send more records or longer audio than the limits."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 
 from trainable.audio import decode
-from trainable.serving import PATH_REFUSED, PATHS_OFF
+from trainable.model.serving import PATH_REFUSED, PATHS_OFF
 
 STARTUP_S = 240  # a cold start imports torch and mlflow's server on a busy 2-core box
 LIMITS = {
@@ -229,7 +229,7 @@ def test_requests_over_the_limits_are_400(servers) -> None:
 
 def test_serving_settings_are_checked_when_the_model_loads(tmp_path: Path) -> None:
     """A bad setting fails the server's start (the model's load), naming the variable."""
-    from trainable.serving import ServePolicy
+    from trainable.model.serving import ServePolicy
 
     policy = ServePolicy.from_env({})
     assert policy.audio_dir is None and (policy.max_records, policy.max_seconds) == (64, 60.0)

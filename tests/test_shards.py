@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from trainable.features import FeatureParams
+from trainable.model.features import FeatureParams
 from trainable.shards import MANIFEST, ShardError, load_shards, read_manifest, shard_name, write_dataset
 
 P = FeatureParams(sample_rate=8000, n_fft=256, hop_length=256, n_mels=16)

@@ -1,4 +1,4 @@
-"""search/source.py: archives and downloads, offline (a zip of the synthetic tree on a loopback server)."""
+"""search/data/source.py: archives and downloads, offline (a zip of the synthetic tree on a loopback server)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from search import source as src
+from search.data import source as src
+from search.data.prepare import prepare
 from search.errors import UserError
-from search.prepare import prepare
 from trainable.shards import load_shards, read_manifest
 
 
@@ -179,13 +179,13 @@ def test_unpacked_archive_directory(esc50_tree, tmp_path):
 def test_official_url_is_the_default(monkeypatch):
     monkeypatch.delenv("ESC50_SOURCE", raising=False)
     seen = []
-    monkeypatch.setattr("search.prepare.resolve_source", lambda s, progress: seen.append(s) or 1 / 0)
+    monkeypatch.setattr("search.data.prepare.resolve_source", lambda s, progress: seen.append(s) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         prepare(None, None, src_params(), progress=False)
     assert seen == [src.OFFICIAL_URL]
 
 
 def src_params():
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
 
     return FeatureParams()

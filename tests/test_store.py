@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_promote_predict_and_ui_start_without_importing_ray() -> None:
     # `esc50 predict` on one clip should not pay Ray's import (about a second here).
-    code = "import sys, search.cli, search.predict, search.promote, search.ui; print('ray' in sys.modules)"
+    code = "import sys, search.cli, search.release.predict, search.release.promote, search.ui; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

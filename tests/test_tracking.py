@@ -112,7 +112,7 @@ def test_smoke_search_tune_and_mlflow_agree(smoke_search, tiny_shards: str, tmp_
     assert m["bbc_trials"] == len(completed) and result.bbc.n_trials == len(completed)
     assert m["bbc_cv_acc"] == pytest.approx(result.bbc.mean) and "BBC-CV" in result.summary()
     # ...from the out-of-fold predictions each completed trial keeps in its checkpoint and run
-    from trainable.checkpoint import read_oof
+    from trainable.model.checkpoint import read_oof
 
     for r in completed:
         oof = read_oof(r.data.tags["esc50.checkpoint"])

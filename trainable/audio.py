@@ -1,6 +1,6 @@
 """Audio files -> fixed-length mono waveforms -> log-mel batches, the way shards and predictions see them.
 
-`esc50 prepare` calls `load_wave` + `LogMel` (trainable/features.py), and prediction decodes with
+`esc50 prepare` calls `load_wave` + `LogMel` (trainable/model/features.py), and prediction decodes with
 the same `decode`, so a clip is decoded, mixed to mono, resampled and cut/padded in one way.
 """
 
@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 
 from trainable.errors import UserError
-from trainable.features import FeatureParams, LogMel, fit_length, resampler
+from trainable.model.features import FeatureParams, LogMel, fit_length, resampler
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 

@@ -146,6 +146,10 @@ class TrainConfig:
     def keys(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    def differs_in(self, other: TrainConfig) -> list[str]:
+        """The keys whose values differ between the two configs (none: the same config)."""
+        return [k for k in self.keys() if getattr(self, k) != getattr(other, k)]
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         """Strict: unknown keys are an error (a typo in a space must not be silently ignored).

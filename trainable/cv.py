@@ -1,57 +1,11 @@
 """The Ray Tune trainable: one trial = one config, cross-validated on the official folds at once.
 
-    import ray
-    from ray import tune
-    from trainable.cv import make_trainable, METRIC, MODE
-
-    ray.init()
-    trainable = make_trainable("data/shards/<id>", folds=(1, 2, 3, 4, 5), cpus_per_fold=1.0)
-    tune.Tuner(trainable, param_space={...TrainConfig keys...},
-               tune_config=tune.TuneConfig(metric=METRIC, mode=MODE),
-               run_config=tune.RunConfig(failure_config=tune.FailureConfig(max_failures=2))).fit()
-
-How a trial runs (`cv_trainable`, top to bottom):
-  1. its config (a plain dict of TrainConfig keys: sampled parameters and constants) is resolved by
-     `resolve_config`, which is strict: an unknown key is an error naming the key;
-  2. one `FoldWorker` actor per fold (trainable/fold_worker.py) is placed in bundle i+1 of the
-     trial's placement group (bundle 0 holds this coordinating function); every worker gets the
-     ObjectRef of the search's shared arrays and copies only its own train/val split out of it.
-     In the `packed` layout (trainable/layout.py) one `PackedFoldWorker` in bundle 1 trains every
-     fold as one batched network and answers each call once per fold, so what follows is the same;
-  3. if Tune hands the trial a checkpoint (a retry after a failure, or a resumed search), every
-     worker loads its fold's saved state and training continues after the saved epoch;
-  4. the folds train in lock-step: each epoch is `ray.get([w.run_epoch.remote() ...])`, then one
-     `tune.report` with the CV metrics and, every `checkpoint_every` epochs and at the end, a
-     checkpoint holding every fold's state (returned by run_epoch with the metrics); the next
-     epoch is launched before the report, so Tune's round trip overlaps with training;
-  5. a fold worker that dies (its process or node lost) fails the trial with a `FoldWorkerError`
-     naming the fold; Tune's FailureConfig(max_failures) then retries it from its latest checkpoint.
-
-The trial process imports neither torch nor the data modules (seconds per trial on a small CPU).
-
-Data sharing: `make_trainable` puts the arrays into Ray's object store once (`share_data`), so every
-trial and fold of the search reads the same copy: numpy arrays come out of the object store as
-zero-copy read-only views, and each worker copies only its fold's rows. Call it after `ray.init()`
-on the driver. With `data` a shards URI (local path or object store), the driver loads the shards
-itself and puts them once; on a cluster the URI needs to be readable from the driver only (each
-node pulls the arrays from the driver's object store once, when its first fold worker asks).
-
-Metrics reported each epoch (names in `metric_names`): `cv_acc_mean` (the search metric, `METRIC`),
-`cv_acc_std`, `cv_loss_mean`, `cv_train_loss_mean`, `fold<k>_acc`, `fold<k>_loss` for each fold k
-used (official fold numbers), `epoch` (epochs completed), `epoch_seconds` (wall time of the
-lock-step epoch) and `fold_seconds_max` (the slowest fold's own time for the epoch).
-
-Checkpoint layout (a directory, trainable/checkpoint.py; `write_checkpoint` writes it atomically,
-`read_checkpoint` / `load_fold_states` read it back):
-    meta.json    format, config (TrainConfig dict), features (FeatureParams dict), fingerprint,
-                 shards (the URI, if the data was given as one; else null), classes, folds,
-                 epoch, metrics (that epoch's reported metrics), nodes ({"<fold>": Ray node id})
-    fold_<k>.pt  torch.save(FoldTrainer.state_dict()) of official fold k, for every fold in folds
-    oof.npz      in the final epoch's checkpoint: every validation clip's class probabilities from
-                 the fold model that did not train on it (FoldWorker.out_of_fold), for BBC-CV
-
-Resuming a search in a new driver (`Tuner.restore(path, trainable=...)`) needs the trainable made
-again with `make_trainable` (the old driver's object-store copy of the data died with it).
+`make_trainable` puts the data into Ray's object store once (`share_data`) and returns
+`cv_trainable` with its resources: one fold worker per fold (trainable/fold_worker.py), or one
+packed worker for all of them (trainable/layout.py). The folds train in lock-step, one
+`tune.report` per epoch (`cv_metrics`; names in trainable/protocol.py) and a checkpoint every
+`checkpoint_every` epochs (layout: trainable/model/checkpoint.py). The trial process imports neither
+torch nor the data modules: it only coordinates (seconds per trial on a small CPU).
 """
 
 from __future__ import annotations
@@ -69,29 +23,18 @@ import ray
 from ray import tune
 from ray.tune import PlacementGroupFactory
 
-from trainable import checkpoint as checkpoints
 from trainable.config import TrainConfig
 from trainable.fold_worker import FoldWorker
 from trainable.layout import resolve_layout, trial_bundles, worker_threads
+from trainable.model import checkpoint as checkpoints
+from trainable.protocol import FOLDS, METRIC, check_folds
 
-METRIC = "cv_acc_mean"
-MODE = "max"
-ALL_FOLDS = (1, 2, 3, 4, 5)
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRIAL_CPUS = 0.1  # bundle 0: the trial function only coordinates its fold workers
 
 
 class FoldWorkerError(RuntimeError):
     """A fold worker of a trial died or failed; the message names the fold and the epoch."""
-
-
-def metric_names(folds: Iterable[int] = ALL_FOLDS) -> list[str]:
-    """Every metric a trial reports each epoch, for `folds` (official fold numbers)."""
-    names = ["cv_acc_mean", "cv_acc_std", "cv_loss_mean", "cv_train_loss_mean", "epoch", "epoch_seconds"]
-    names.append("fold_seconds_max")
-    for k in folds:
-        names += [f"fold{int(k)}_acc", f"fold{int(k)}_loss"]
-    return names
 
 
 def resolve_config(config: Mapping[str, Any]) -> TrainConfig:
@@ -104,16 +47,6 @@ def resolve_config(config: Mapping[str, Any]) -> TrainConfig:
         return TrainConfig.from_dict(dict(config))
     except TypeError as e:  # e.g. a non-string key
         raise ValueError(f"invalid training config: {e}") from None
-
-
-def check_folds(folds: Iterable[int]) -> tuple[int, ...]:
-    out = tuple(sorted({int(f) for f in folds}))
-    if not out:
-        raise ValueError("folds: at least one fold is needed")
-    bad = [f for f in out if f not in ALL_FOLDS]
-    if bad:
-        raise ValueError(f"folds {bad} are not official ESC-50 folds {ALL_FOLDS}")
-    return out
 
 
 # ---- the data, shared once per search ---------------------------------------------------------
@@ -193,7 +126,7 @@ def share_data(data: Any, folds: Iterable[int] | None = None) -> SharedData:
 
 def make_trainable(
     data: Any,
-    folds: Sequence[int] = ALL_FOLDS,
+    folds: Sequence[int] = FOLDS,
     cpus_per_fold: float = 1.0,
     gpus_per_fold: float = 0.0,
     strategy: str = "PACK",
@@ -246,7 +179,7 @@ def make_trainable(
 def cv_trainable(
     config: dict[str, Any],
     data: SharedData,
-    folds: Sequence[int] = ALL_FOLDS,
+    folds: Sequence[int] = FOLDS,
     cpus_per_fold: float = 1.0,
     gpus_per_fold: float = 0.0,
     checkpoint_every: int = 1,
@@ -313,7 +246,7 @@ def cv_metrics(per_fold: Mapping[int, Mapping[str, float]], epoch: int, seconds:
     losses = np.array([per_fold[k]["val_loss"] for k in per_fold], dtype=np.float64)
     train = np.array([per_fold[k]["train_loss"] for k in per_fold], dtype=np.float64)
     out: dict[str, Any] = {
-        "cv_acc_mean": float(accs.mean()),
+        METRIC: float(accs.mean()),
         "cv_acc_std": float(accs.std()),
         "cv_loss_mean": float(losses.mean()),
         "cv_train_loss_mean": float(train.mean()),
@@ -409,8 +342,8 @@ def _restore(workers: Mapping[int, Any], cfg: TrainConfig, folds: Sequence[int])
     with ckpt.as_directory() as d:
         meta, blobs = read_checkpoint(d, folds)
         saved = resolve_config(meta["config"])
-        if saved != cfg:
-            diff = [k for k in TrainConfig.keys() if getattr(saved, k) != getattr(cfg, k)]
+        diff = saved.differs_in(cfg)
+        if diff:
             raise ValueError(f"checkpoint {d} was written for another config (differs in {diff})")
         # The workers load the bytes (this process has no torch); a corrupt file is named by its path.
         loads = [
@@ -444,7 +377,7 @@ def _gather(workers: Mapping[int, Any], refs: list[Any], what: str) -> list[Any]
     return [done[k] for k in workers]
 
 
-# ---- checkpoints (the layout itself: trainable/checkpoint.py) ------------------------------------
+# ---- checkpoints (the layout itself: trainable/model/checkpoint.py) ------------------------------------
 
 
 def write_checkpoint(
@@ -461,7 +394,7 @@ def write_checkpoint(
     and oof.npz when `oof` (the final epoch's out-of-fold predictions, `checkpoints.merge_oof`) is given.
 
     `directory` must not exist or be empty; it appears whole or not at all (see
-    `trainable.checkpoint.write_checkpoint`).
+    `trainable.model.checkpoint.write_checkpoint`).
     `nodes`: the Ray node id each fold trained on (for the multi-node test and for debugging)."""
     meta = {
         "config": cfg.to_dict(),
@@ -487,17 +420,3 @@ def read_checkpoint(
     )
     check_folds(meta["folds"])
     return meta, blobs
-
-
-def load_fold_states(directory: str | Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """(meta, {fold: FoldTrainer state dict}) of a checkpoint directory, for promotion and tests."""
-    meta, states = checkpoints.read_checkpoint(directory)
-    check_folds(meta["folds"])
-    return meta, states
-
-
-def checkpoint_features(meta: Mapping[str, Any]) -> Any:
-    """The FeatureParams a checkpoint's models expect as input."""
-    from trainable.features import FeatureParams
-
-    return FeatureParams.from_dict(meta["features"])

@@ -36,9 +36,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainable.augment import eval_crops, training_batch, wrap
 from trainable.config import TrainConfig
-from trainable.models import N_CLASSES, build_model
+from trainable.model.augment import eval_crops, training_batch, wrap
+from trainable.model.networks import N_CLASSES, build_model
 
 STATE_VERSION = 1
 
@@ -321,11 +321,6 @@ class FoldTrainer:
         trial (selection-bias correction, search/bbc.py) are these, one fold at a time."""
         return torch.softmax(self.predict_logits(self.x_val).float(), dim=1).cpu()
 
-    def evaluate(self) -> tuple[float, float]:
-        """(validation loss, validation accuracy) with the configured loss, no smoothing."""
-        loss, acc = self._evaluate()
-        return float(loss), float(acc)
-
     def __iter__(self) -> Iterator[dict[str, float]]:
         while not self.done:
             yield self.train_epoch()
@@ -356,8 +351,8 @@ class FoldTrainer:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"fold state version {state.get('version')!r}, expected {STATE_VERSION}")
         saved = TrainConfig.from_dict(state["config"])
-        if saved != self.config:
-            diff = [k for k in TrainConfig.keys() if getattr(saved, k) != getattr(self.config, k)]
+        diff = saved.differs_in(self.config)
+        if diff:
             raise ValueError(f"fold state was saved with a different config (differs in {diff})")
         if state["fold"] != self.fold or state["n_mels"] != self.n_mels:
             raise ValueError(

@@ -4,7 +4,7 @@ The CV trainable (trainable/cv.py) starts one `FoldWorker` per fold inside the t
 group. A worker receives the ObjectRef of the search's shared arrays (never the arrays
 themselves), takes its fold's train/val split from them once, and then trains when told to, one
 epoch per `run_epoch` call. States travel as `torch.save` bytes (the content of a checkpoint's
-fold file, trainable/checkpoint.py), so the trial can write them into its checkpoint and hand them
+fold file, trainable/model/checkpoint.py), so the trial can write them into its checkpoint and hand them
 back on a retry, whichever node the worker lands on.
 
 torch is imported inside the methods: the trial process that creates these actors never needs it
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from trainable.checkpoint import oof_part, state_from_bytes, state_to_bytes
+from trainable.model.checkpoint import oof_part, state_from_bytes, state_to_bytes
 
 
 def split_fold(arrays: dict[str, np.ndarray], fold: int) -> tuple[Any, ...]:
@@ -54,7 +54,7 @@ def val_rows(arrays: dict[str, np.ndarray], fold: int) -> np.ndarray:
 
 
 def out_of_fold(trainer: Any, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """A FoldTrainer's validation clips scored by its model now (trainable.checkpoint.oof_part)."""
+    """A FoldTrainer's validation clips scored by its model now (trainable.model.checkpoint.oof_part)."""
     probs = trainer.predict_val_probs()
     return oof_part(rows, trainer.fold, trainer.y_val.cpu().numpy(), probs.numpy())
 

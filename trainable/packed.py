@@ -15,7 +15,7 @@ How: the K folds' parameters and BatchNorm buffers are stacked along a new leadi
 (groups = K), a linear layer to one batched matmul, and BatchNorm to per-(fold, channel)
 statistics, updating each fold's running statistics in place: the per-fold math is the network's
 own. vmap is chosen over hand-written grouped-convolution modules because it covers every
-architecture in trainable/models.py unchanged (and whatever is added there) with the same kernels.
+architecture in trainable/model/networks.py unchanged (and whatever is added there) with the same kernels.
 
 Exactness, piece by piece (what `tests/test_packed.py` checks against separate FoldTrainers):
   - batches: each fold draws its permutation, crops, rolls, gains (its generator) and its

@@ -18,8 +18,8 @@ from typing import Any
 
 import ray
 
-from trainable.checkpoint import state_from_bytes, state_to_bytes
 from trainable.fold_worker import out_of_fold, split_fold, val_rows
+from trainable.model.checkpoint import state_from_bytes, state_to_bytes
 
 
 def _one_or_list(out: list[Any]) -> Any:

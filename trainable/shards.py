@@ -13,9 +13,7 @@ A dataset without ``_manifest.json`` is unfinished and is never read.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,15 +25,14 @@ import pyarrow.parquet as pq
 import torch
 
 from trainable.errors import UserError
-from trainable.features import FeatureParams
+from trainable.model.features import FeatureParams
+from trainable.storage import atomic_put, atomic_write, join, resolve, temp_name
 
 FORMAT = 1
 META_KEY = b"esc50"
 MANIFEST = "_manifest.json"
 SPEC_COLUMN = "logmel"
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8}
-# Object stores make an object visible only when its upload completes: a single put is atomic.
-_ATOMIC_PUT_FS = {"s3", "gcs"}
 
 
 class ShardError(UserError):
@@ -46,50 +43,16 @@ def shard_name(fold: int) -> str:
     return f"fold-{int(fold)}.parquet"
 
 
-# ---- locations -------------------------------------------------------------------------------
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or a URI (file://, s3://, gs://, ...) -> (pyarrow filesystem, path in it)."""
-    uri = str(uri)
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-        raise ShardError(f"{uri}: cannot open this location: {e}") from None
-    return fs, path.rstrip("/")
-
-
-def _join(root: str, name: str) -> str:
-    return posixpath.join(root, name) if root else name
-
-
-def _temp_name(path: str) -> str:
-    return _join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-
-
-def atomic_write(fs: pafs.FileSystem, path: str, write: Any) -> None:
-    """Call `write(stream)` so that `path` appears complete or not at all (temp + rename locally)."""
-    if fs.type_name in _ATOMIC_PUT_FS:
-        with fs.open_output_stream(path) as out:
-            write(out)
-        return
-    tmp = _temp_name(path)
-    try:
-        with fs.open_output_stream(tmp) as out:
-            write(out)
-        fs.move(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp)
-        except OSError:
-            pass
-        raise
+def default_location(params: FeatureParams) -> str:
+    """Where `esc50 prepare` writes, and a search reads, shards of `params` when not told: one
+    directory per set of feature parameters."""
+    return posixpath.join("data", "shards", params.digest())
 
 
 def read_manifest(uri: str) -> dict[str, Any] | None:
     """The dataset's manifest, or None when there is none (not prepared, or unfinished)."""
     fs, root = resolve(uri)
-    path = _join(root, MANIFEST)
+    path = join(root, MANIFEST)
     try:
         with fs.open_input_stream(path) as f:
             raw = f.read()
@@ -166,9 +129,9 @@ def write_dataset(
     }
     table_columns = {k: _column(v) for k, v in columns.items()}
     # The old manifest goes first: from here on the directory is an unfinished dataset.
-    if fs.get_file_info(_join(root, MANIFEST)).type != pafs.FileType.NotFound:
-        fs.delete_file(_join(root, MANIFEST))
-    direct = fs.type_name in _ATOMIC_PUT_FS
+    if fs.get_file_info(join(root, MANIFEST)).type != pafs.FileType.NotFound:
+        fs.delete_file(join(root, MANIFEST))
+    direct = atomic_put(fs)
     staged: list[tuple[str, str, int, int]] = []  # (temp, final, fold, rows)
     try:
         for fold in sorted(set(folds.tolist())):
@@ -177,8 +140,8 @@ def write_dataset(
             arrays[SPEC_COLUMN] = _binary_column(stored[idx])
             meta = json.dumps({**base_meta, "fold": fold}).encode()
             table = pa.table(arrays).replace_schema_metadata({META_KEY: meta})
-            final = _join(root, shard_name(fold))
-            tmp = final if direct else _temp_name(final)
+            final = join(root, shard_name(fold))
+            tmp = final if direct else temp_name(final)
             staged.append((tmp, final, fold, len(idx)))
             _write_parquet(fs, tmp, table)
         for tmp, final, _, _ in staged:
@@ -195,10 +158,10 @@ def write_dataset(
     files = {str(fold): {"file": shard_name(fold), "rows": rows} for _, _, fold, rows in staged}
     total = 0
     for entry in files.values():
-        entry["bytes"] = fs.get_file_info(_join(root, entry["file"])).size
+        entry["bytes"] = fs.get_file_info(join(root, entry["file"])).size
         total += entry["bytes"]
     manifest = {**base_meta, "files": files, "n_clips": int(len(folds)), "bytes": total}
-    atomic_write(fs, _join(root, MANIFEST), lambda out: out.write(json.dumps(manifest, indent=1).encode()))
+    atomic_write(fs, join(root, MANIFEST), lambda out: out.write(json.dumps(manifest, indent=1).encode()))
     return total
 
 
@@ -308,7 +271,7 @@ def _read_shard(
     fs: pafs.FileSystem, root: str, uri: str, manifest: dict[str, Any], fold: int, params: FeatureParams
 ) -> tuple[pa.Table, dict[str, Any]]:
     entry = manifest["files"][str(fold)]
-    path = _join(root, entry["file"])
+    path = join(root, entry["file"])
     where = f"{uri.rstrip('/')}/{entry['file']}"
     try:
         with fs.open_input_file(path) as f:

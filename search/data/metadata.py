@@ -16,11 +16,11 @@ import numpy as np
 
 from search.errors import UserError
 from trainable.audio import AUDIO_EXTENSIONS
+from trainable.protocol import FOLDS
 
 CSV_PATH = Path("meta") / "esc50.csv"
 AUDIO_DIR = "audio"
 REQUIRED = ("filename", "fold", "target", "category", "src_file", "take")
-FOLDS = (1, 2, 3, 4, 5)
 MAX_TARGET = 49
 _SHOWN = 3  # problems named in one error message
 

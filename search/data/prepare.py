@@ -1,6 +1,6 @@
 """`esc50 prepare`: ESC-50 audio -> one Parquet log-mel shard per fold.
 
-validate metadata (search/meta.py) -> decode, mono, resample, 5 s (trainable/audio.py) -> LogMel in
+validate metadata (search/data/metadata.py) -> decode, mono, resample, 5 s (trainable/audio.py) -> LogMel in
 batches on a small process pool -> atomic shards + manifest (trainable/shards.py).
 """
 
@@ -20,13 +20,14 @@ import numpy as np
 import torch
 import torchaudio
 
+from search.data.metadata import Metadata, read_metadata
+from search.data.source import OFFICIAL_CLIPS, OFFICIAL_URL, resolve_source
 from search.errors import UserError
-from search.meta import FOLDS, Metadata, read_metadata
 from search.progress import Progress
-from search.source import OFFICIAL_CLIPS, OFFICIAL_URL, resolve_source
-from trainable import shards
+from trainable import shards, storage
 from trainable.audio import log_mel_files
-from trainable.features import FeatureParams, LogMel
+from trainable.model.features import FeatureParams, LogMel
+from trainable.protocol import FOLDS
 
 # Part of the fingerprint: bump when the way audio becomes features changes.
 CODE_VERSION = f"prepare/1 torchaudio/{torchaudio.__version__}"
@@ -54,11 +55,6 @@ class PrepareResult:
             f"{self.bytes / 1e6:.1f} MB ({self.bytes / max(self.n_clips, 1) / 1e3:.1f} kB/clip), "
             f"{self.seconds:.1f} s"
         )
-
-
-def default_out(params: FeatureParams) -> str:
-    """Different feature parameters go to different dataset directories."""
-    return os.path.join("data", "shards", params.digest())
 
 
 def audio_digest(meta: Metadata) -> str:
@@ -98,7 +94,7 @@ def prepare(
         raise UserError(f"{source}: the official archive must list {OFFICIAL_CLIPS} clips, found {len(meta)}")
     audio_sha = audio_digest(meta)
     fp = fingerprint(audio_sha, params)
-    out = str(out or default_out(params))
+    out = str(out or shards.default_location(params))
 
     existing = shards.read_manifest(out)
     if existing is not None:
@@ -172,7 +168,7 @@ def _difference(manifest: dict, params: FeatureParams, audio_sha: str) -> str:
 
 def _intact(out: str, manifest: dict) -> bool:
     """Every shard the manifest lists is there with its size (a cheap listing, no reads)."""
-    fs, root = shards.resolve(out)
+    fs, root = storage.resolve(out)
     infos = fs.get_file_info([f"{root}/{e['file']}" for e in manifest["files"].values()])
     return all(i.size == e.get("bytes") for i, e in zip(infos, manifest["files"].values(), strict=True))
 
@@ -180,12 +176,7 @@ def _intact(out: str, manifest: dict) -> bool:
 def _check_writable(out: str) -> None:
     """Fail before minutes of decoding when the output location cannot be written."""
     try:
-        fs, root = shards.resolve(out)
-        fs.create_dir(root, recursive=True)
-        probe = f"{root}/.esc50-write-test-{os.getpid()}"
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
+        storage.probe_writable(out)
     except UserError:
         raise
     except (OSError, ValueError) as e:

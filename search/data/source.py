@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from search.data.metadata import CSV_PATH
 from search.errors import UserError
 from search.progress import Progress
 
@@ -66,9 +67,9 @@ def resolve_source(source: str, progress: bool = True) -> Source:
 
 def _layout_root(path: Path, source: str) -> Path:
     """`path` itself, or its only subdirectory holding meta/esc50.csv (an unpacked archive)."""
-    if (path / "meta" / "esc50.csv").is_file():
+    if (path / CSV_PATH).is_file():
         return path.resolve()
-    inner = [p for p in path.iterdir() if (p / "meta" / "esc50.csv").is_file()]
+    inner = [p for p in path.iterdir() if (p / CSV_PATH).is_file()]
     return inner[0].resolve() if len(inner) == 1 else path.resolve()  # read_metadata names what is missing
 
 
@@ -156,7 +157,7 @@ def _finish(part: Path, final: Path, state_file: Path, total: int | None, url: s
 def extract(archive: Path, sha: str, cache: Path, source: str) -> Path:
     """Unpack meta/esc50.csv and audio/ of `archive` once per content hash; returns the layout root."""
     target = cache / f"esc50-{sha[:16]}"
-    if (target / "meta" / "esc50.csv").is_file():
+    if (target / CSV_PATH).is_file():
         return target
     try:
         zf = zipfile.ZipFile(archive)

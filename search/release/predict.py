@@ -2,14 +2,13 @@
 
 Each file is decoded by `trainable.audio.decode` (any libsndfile format, any rate, mono or stereo,
 mixed to mono) and handed to the MLflow pyfunc as a waveform and its rate; the model resamples,
-cuts the clip into 5 s windows and averages their probabilities (see trainable/ensemble.py). A
+cuts the clip into 5 s windows and averages their probabilities (see trainable/model/ensemble.py). A
 file with no samples, or a silent one, gets the model's defined answer (`silent`, no label).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +17,8 @@ from typing import Any
 import numpy as np
 
 from search.errors import UserError
-from search.registry import CHAMPION, DEFAULT_NAME
+from search.release.champion import CHAMPION, DEFAULT_NAME
 from search.store import client
-
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 DEFAULT_MODEL = f"models:/{DEFAULT_NAME}@{CHAMPION}"
 # MLflow's loaders of a model from code (3.17 writes the first; the second reads the same layout).
@@ -101,7 +98,7 @@ def load_model(model_uri: str, tracking: str | None = None, allow_pickled: bool 
         raise UserError(f"cannot load model {model_uri} from {c.tracking_uri}: {e.message}{hint}") from None
     except OSError as e:
         raise UserError(f"cannot load model {model_uri}: {e}") from None
-    # The request limits protect a server from its clients (trainable/serving.py); here the user
+    # The request limits protect a server from its clients (trainable/model/serving.py); here the user
     # scores their own files in their own process, so a long recording is not refused.
     inner = model.unwrap_python_model() if hasattr(model, "unwrap_python_model") else None
     policy = getattr(inner, "policy", None)

@@ -8,6 +8,6 @@ source files, its weights are plain state dicts read with `torch.load(weights_on
 
 import mlflow.models
 
-from trainable.ensemble import EnsembleModel
+from trainable.model.ensemble import EnsembleModel
 
 mlflow.models.set_model(EnsembleModel())

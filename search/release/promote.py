@@ -2,22 +2,22 @@
 
     promote(search="my-search")          # best finished trial by cv_acc_mean
     promote(run_id="...")                # or a named trial run / Tune trial id
-    registry.rollback()                  # champion back to previous (search/registry.py)
+    champion.rollback()                  # champion back to previous (search/release/champion.py)
 
 How a promotion runs (`promote`, at the end of this file, top to bottom):
   1. find the trial in MLflow: child runs tagged `esc50.role=trial` and `esc50.search=<name>`, with
      the metric `cv_acc_mean` and the tag `esc50.checkpoint` (the CV checkpoint directory: meta.json +
      fold_<k>.pt); the best finished one, unless a run or trial is named;
   2. fetch the checkpoint (a local path or any URI pyarrow opens) and rebuild its fold models;
-  3. out-of-fold report (search/oof.py): every clip of the checkpoint's folds predicted by the one
+  3. out-of-fold report (search/release/oof.py): every clip of the checkpoint's folds predicted by the one
      fold model that validated on it, from the search's shards, which must have the checkpoint's
      feature parameters and fingerprint;
   4. one promotion run in the trial's experiment: the pyfunc, logged as an MLflow model from code
-     (trainable/pyfunc_entry.py names `trainable.ensemble.EnsembleModel`; the shipped sources,
-     `SHIPPED`, are its code_paths; a slim copy of the checkpoint, plain state dicts read with
+     (trainable/model/pyfunc_entry.py names `trainable.model.ensemble.EnsembleModel`; the shipped sources,
+     trainable/model/ whole, is its code_paths; a slim copy of the checkpoint, plain state dicts read with
      weights_only, its artifact: no pickled Python object), the report's metrics and artifacts
      (per-class accuracy, confusion matrix picture);
-  5. a new version of the registered model (search/registry.py), tagged with what retraining it
+  5. a new version of the registered model (search/release/champion.py), tagged with what retraining it
      needs (search, trial, config, features, folds, the shards and their fingerprint, the git
      commit and library versions), its cv_acc_mean/std and the search's BBC-CV estimate
      (`bbc_cv_acc`, `_lo`, `_hi`: search/bbc.py); alias `champion` moves to it, the version that
@@ -38,38 +38,41 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search import provenance
+from search.bbc import search_bbc
 from search.errors import UserError
-from search.oof import load_oof_data, out_of_fold, shards_uri, write_report
-from search.registry import CHAMPION, DEFAULT_NAME, PREVIOUS, register_champion
+from search.release.champion import CHAMPION, DEFAULT_NAME, PREVIOUS, register_champion
+from search.release.oof import load_oof_data, out_of_fold, shards_uri, write_report
 from search.store import (
-    METRIC,
+    COMPLETED,
     PRUNED,
+    ROLE_PROMOTION,
+    ROLE_TRIAL,
     TAG_CHECKPOINT,
+    TAG_CONFIG,
+    TAG_EPOCH,
+    TAG_FOLDS,
+    TAG_PROMOTION_RUN,
     TAG_ROLE,
     TAG_SEARCH,
+    TAG_SHARDS,
     TAG_STATUS,
     TAG_TRIAL,
     TAG_TRIAL_ALIAS,
+    TAG_TRIAL_RUN,
+    all_runs,
     client,
     filter_literal,
     hide_mlflow_notices,
+    trial_oof,
 )
+from trainable.protocol import METRIC
 
 TRIAL_ID_KEYS = (TAG_TRIAL, TAG_TRIAL_ALIAS)  # where a trial run holds its Tune trial id
-SHIPPED = (
-    "__init__.py",
-    "features.py",
-    "models.py",
-    "augment.py",
-    "checkpoint.py",
-    "serving.py",
-    "ensemble.py",
-)
-ENTRY = "pyfunc_entry.py"  # the model's code file (models from code): names the pyfunc
+ENTRY = "pyfunc_entry.py"  # in trainable/model/: the model's code file (models from code), names the pyfunc
 REQUIREMENTS = ("torch", "torchaudio", "numpy", "pandas", "mlflow", "soundfile")
 
 if TYPE_CHECKING:  # annotations only: torch loads when a checkpoint does
-    from trainable.ensemble import FoldEnsemble
+    from trainable.model.ensemble import FoldEnsemble
 
 
 # ---- 1. the trial ------------------------------------------------------------------------------
@@ -89,19 +92,9 @@ class Trial:
         return self.run.info.run_id
 
 
-def _search_runs(c, filter_string: str) -> list[Any]:
-    ids = [e.experiment_id for e in c.search_experiments()]
-    runs: list[Any] = []
-    token = None
-    while ids:
-        page = c.search_runs(
-            ids, filter_string, max_results=1000, page_token=token, order_by=["attributes.start_time DESC"]
-        )
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
-    return runs
+def _search_runs(c: Any, filter_string: str) -> list[Any]:
+    """The runs the filter matches in every experiment, newest first."""
+    return all_runs(c, [e.experiment_id for e in c.search_experiments()], filter_string, "DESC")
 
 
 def _trial(run: Any, pruned_ok: bool = False) -> Trial | None:
@@ -138,7 +131,7 @@ def find_trial(
         except MlflowException:
             raise UserError(f"no MLflow run {run_id!r} in {c.tracking_uri}") from None
         return _named_trial(run, f"run {run_id}")
-    role = f"tags.`{TAG_ROLE}` = 'trial'"
+    role = f"tags.`{TAG_ROLE}` = {filter_literal(ROLE_TRIAL)}"
     if trial_id is not None:
         runs = [
             r
@@ -192,7 +185,7 @@ def _named_trial(run: Any, what: str) -> Trial:
 
 def fetch_checkpoint(uri: str, dest: Path) -> Path:
     """A checkpoint directory (local path, file://, s3://, gs://, ...) as a local directory."""
-    from trainable.shards import resolve
+    from trainable.storage import resolve
 
     if "://" not in uri or uri.startswith("file://"):
         path = Path(uri.removeprefix("file://"))
@@ -211,8 +204,8 @@ def fetch_checkpoint(uri: str, dest: Path) -> Path:
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[int, Any], FoldEnsemble]:
     """(meta, states, FoldEnsemble) of a checkpoint directory; UserError when it is not usable."""
-    from trainable.ensemble import FoldEnsemble, read_checkpoint
-    from trainable.features import FeatureParams
+    from trainable.model.ensemble import FoldEnsemble, read_checkpoint
+    from trainable.model.features import FeatureParams
 
     try:
         meta, states = read_checkpoint(directory)
@@ -222,18 +215,23 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[int, Any], Fo
     return meta, states, ensemble
 
 
-# ---- 4. the pyfunc (step 3, the out-of-fold report, is search/oof.py) ---------------------------
+# ---- 4. the pyfunc (step 3, the out-of-fold report, is search/release/oof.py) ---------------------------
 
 
 def model_code(dest: Path) -> Path:
-    """The package shipped with the model: `trainable/` with only what prediction imports."""
+    """The package shipped with the model: `trainable/` holding only its `model/` sub-package, whole
+    (what prediction imports; trainable/model/__init__.py)."""
     import trainable
+    import trainable.model
 
-    src = Path(trainable.__file__).parent
     pkg = dest / "trainable"
     pkg.mkdir(parents=True)
-    for name in SHIPPED:
-        shutil.copy2(src / name, pkg / name)
+    shutil.copy2(trainable.__file__, pkg / "__init__.py")
+    shutil.copytree(
+        Path(trainable.model.__file__).parent,
+        pkg / "model",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     return pkg
 
 
@@ -252,7 +250,7 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
     """Log the ensemble pyfunc into the active run; returns mlflow's ModelInfo."""
     import mlflow
 
-    from trainable.ensemble import write_slim_checkpoint
+    from trainable.model.ensemble import write_slim_checkpoint
 
     slim = work / "checkpoint"
     write_slim_checkpoint(slim, meta, states)
@@ -267,15 +265,15 @@ def log_model(meta: dict[str, Any], states: dict[int, Any], work: Path) -> Any:
 
 
 def _log_pyfunc(mlflow: Any, meta: dict[str, Any], slim: Path, code: Path) -> Any:
-    import trainable
-    from trainable.ensemble import CHECKPOINT_ARTIFACT, example_input, signature
-    from trainable.features import FeatureParams
+    import trainable.model
+    from trainable.model.ensemble import CHECKPOINT_ARTIFACT, example_input, signature
+    from trainable.model.features import FeatureParams
 
     with hide_mlflow_notices():
         return mlflow.pyfunc.log_model(
             name="model",
             # A model from code: MLflow stores this file's source, not a pickled instance.
-            python_model=str(Path(trainable.__file__).parent / ENTRY),
+            python_model=str(Path(trainable.model.__file__).parent / ENTRY),
             artifacts={CHECKPOINT_ARTIFACT: str(slim)},
             code_paths=[str(code)],
             signature=signature(),
@@ -285,7 +283,7 @@ def _log_pyfunc(mlflow: Any, meta: dict[str, Any], slim: Path, code: Path) -> An
         )
 
 
-# ---- the promotion: steps 1 to 5 (5, the registry, is search/registry.py) ------------------------
+# ---- the promotion: steps 1 to 5 (5, the registry, is search/release/champion.py) ------------------------
 
 
 @dataclass(frozen=True)
@@ -323,13 +321,11 @@ def search_bbc_of(c: Any, trial: Trial) -> Any:
     """BBC-CV (search/bbc.py) of the completed trials of `trial`'s search: what selecting the best
     of them is worth on clips the selection did not see. None when no trial kept its out-of-fold
     predictions (a search from before they were kept)."""
-    from search.oof import search_bbc, trial_oof
-    from search.store import COMPLETED
-
     if not trial.search:
         return None
     runs = _search_runs(
-        c, f"tags.`{TAG_ROLE}` = 'trial' AND tags.`{TAG_SEARCH}` = {filter_literal(trial.search)}"
+        c,
+        f"tags.`{TAG_ROLE}` = {filter_literal(ROLE_TRIAL)} AND tags.`{TAG_SEARCH}` = {filter_literal(trial.search)}",
     )
     runs = [r for r in runs if r.data.tags.get(TAG_STATUS) == COMPLETED and r.info.status == "FINISHED"]
     runs.sort(key=lambda r: r.data.tags.get(TAG_TRIAL, r.info.run_id))  # a stable trial order
@@ -359,11 +355,11 @@ def promote(
         bbc = search_bbc_of(c, trial)
         fingerprint = str(meta.get("fingerprint") or data.info.get("fingerprint") or "")
         tags = {
-            TAG_ROLE: "promotion",
+            TAG_ROLE: ROLE_PROMOTION,
             TAG_SEARCH: trial.search,
-            "esc50.trial": trial.trial_id,
-            "esc50.trial_run": trial.run_id,
-            "esc50.shards": uri,
+            TAG_TRIAL_ALIAS: trial.trial_id,
+            TAG_TRIAL_RUN: trial.run_id,
+            TAG_SHARDS: uri,
             **provenance.code_tags(),
             **provenance.data_tags(fingerprint, meta["features"]),
         }
@@ -376,7 +372,7 @@ def promote(
                 metrics.update(bbc.metrics())
             metrics.update(
                 {
-                    "cv_acc_mean": trial.cv_acc_mean,
+                    METRIC: trial.cv_acc_mean,
                     **({"cv_acc_std": trial.cv_acc_std} if trial.cv_acc_std is not None else {}),
                 }
             )
@@ -394,13 +390,13 @@ def promote(
         # code commit and versions, search and trial; and what it is worth.
         version_tags = {
             **{k: v for k, v in tags.items() if k != TAG_ROLE},
-            "esc50.config": json.dumps(meta["config"], sort_keys=True),
-            "esc50.folds": ",".join(map(str, meta["folds"])),
-            "esc50.epoch": str(meta.get("epoch", "")),
-            "cv_acc_mean": f"{trial.cv_acc_mean:.6f}",
+            TAG_CONFIG: json.dumps(meta["config"], sort_keys=True),
+            TAG_FOLDS: ",".join(map(str, meta["folds"])),
+            TAG_EPOCH: str(meta.get("epoch", "")),
+            METRIC: f"{trial.cv_acc_mean:.6f}",
             "cv_acc_std": "" if trial.cv_acc_std is None else f"{trial.cv_acc_std:.6f}",
             "oof_acc": f"{metrics['oof_acc']:.6f}",
-            "esc50.promotion_run": run.info.run_id,
+            TAG_PROMOTION_RUN: run.info.run_id,
             **({k: f"{v:.6f}" for k, v in bbc.metrics().items()} if bbc is not None else {}),
             **({"bbc_trials": str(bbc.n_trials)} if bbc is not None else {}),
         }

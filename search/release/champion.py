@@ -16,16 +16,20 @@ from collections.abc import Mapping
 from typing import Any
 
 from search.errors import UserError
-from search.store import client, hide_mlflow_notices
+from search.store import (
+    TAG_CHAMPION,
+    TAG_REGISTERED,
+    TAG_REPLACED,
+    TAG_ROLLED_BACK,
+    TAG_TRIAL_RUN,
+    all_runs,
+    client,
+    filter_literal,
+    hide_mlflow_notices,
+)
 
 DEFAULT_NAME = "esc50-cnn"
 CHAMPION, PREVIOUS = "champion", "previous"
-TAG_REPLACED = "esc50.replaced"  # on a version: the champion it replaced (for rollback)
-# On runs, for the MLflow runs table: the trial run a version was made from and its search run
-# carry `esc50.champion` = "esc50-cnn v3" while that version is champion (moved by promote and
-# rollback); the trial run keeps `esc50.registered` = "esc50-cnn v3" for good.
-TAG_CHAMPION, TAG_REGISTERED = "esc50.champion", "esc50.registered"
-TAG_TRIAL_RUN = "esc50.trial_run"  # on a version: the trial run it was made from
 
 
 def alias_version(c: Any, name: str, alias: str) -> str | None:
@@ -73,8 +77,6 @@ def _source_runs(c: Any, name: str, version: str) -> tuple[str | None, str | Non
 def mark_champion_runs(c: Any, name: str = DEFAULT_NAME) -> None:
     """Put `esc50.champion` on the champion's trial and search runs and take it off every other run
     (a courtesy for the UI: a store that cannot be tagged keeps a correct registry)."""
-    from search.store import filter_literal
-
     try:
         champion = alias_version(c, name, CHAMPION)
         label = f"{name} v{champion}"
@@ -84,7 +86,7 @@ def mark_champion_runs(c: Any, name: str = DEFAULT_NAME) -> None:
         want = {r for r in (trial, search) if r}
         exps = [e.experiment_id for e in c.search_experiments()]
         flt = f"tags.`{TAG_CHAMPION}` LIKE {filter_literal(name + ' v%')}"
-        for run in c.search_runs(exps, flt, max_results=1000) if exps else []:
+        for run in all_runs(c, exps, flt):
             if run.info.run_id not in want:
                 c.delete_tag(run.info.run_id, TAG_CHAMPION)
         for rid in want:
@@ -111,7 +113,7 @@ def rollback(tracking: str | None = None, name: str = DEFAULT_NAME) -> tuple[str
         raise UserError(f"{name} has no {PREVIOUS!r} version to roll back to (champion: v{current})")
     c.set_registered_model_alias(name, CHAMPION, back)
     if current:
-        c.set_model_version_tag(name, current, "esc50.rolled_back_from", "true")
+        c.set_model_version_tag(name, current, TAG_ROLLED_BACK, "true")
     before = c.get_model_version(name, back).tags.get(TAG_REPLACED) or None
     if before and before != back and _version_exists(c, name, before):
         c.set_registered_model_alias(name, PREVIOUS, before)

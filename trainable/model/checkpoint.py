@@ -11,7 +11,7 @@
                       (`OOF_FILE`; arrays `OOF_ARRAYS`; read with `read_oof`)
 
 The Tune trainable (trainable/cv.py) writes one every checkpointed epoch and reads it back on a
-retry; promotion reads it and writes the slim copy that the MLflow model ships (trainable/ensemble.py).
+retry; promotion reads it and writes the slim copy that the MLflow model ships (trainable/model/ensemble.py).
 This module is shipped inside the promoted model too, which loads without Ray or this project
 installed: it imports only the standard library and torch. torch is imported only where a state
 is (de)serialized, because the Tune trial process that writes and reads checkpoints never imports

@@ -17,18 +17,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from search.errors import UserError
-from search.store import TAG_PARENT
+from search.store import TAG_PARENT, TAG_SHARDS
 
-if TYPE_CHECKING:  # annotations only: promote imports this module, and torch loads when needed
-    from search.promote import Trial
-    from trainable.ensemble import FoldEnsemble
+if TYPE_CHECKING:  # annotations only: torch loads when needed
+    from trainable.model.ensemble import FoldEnsemble
     from trainable.shards import FoldData
 
-SHARDS_KEYS = ("esc50.shards", "shards")  # params/tags that may name a search's shards
+SHARDS_KEYS = (TAG_SHARDS, "shards")  # params/tags that may name a search's shards
 
 
-def shards_uri(c: Any, trial: Trial, meta: dict[str, Any], shards: str | None) -> str:
-    """Where the trial's training data is: --shards, meta.json, the trial's or its search's params/tags."""
+def shards_uri(c: Any, trial: Any, meta: dict[str, Any], shards: str | None) -> str:
+    """Where the trial's (a search.release.promote.Trial) training data is: --shards, meta.json, the trial's or its search's params/tags."""
     if shards:
         return shards
     if meta.get("shards"):
@@ -123,13 +122,14 @@ def out_of_fold(ensemble: FoldEnsemble, data: FoldData, batch: int = 256) -> Out
 
 def load_oof_data(uri: str, meta: dict[str, Any]) -> FoldData:
     """The shards of the checkpoint's folds, checked against the checkpoint's features and data."""
-    from trainable.features import FeatureParams
+    from trainable.model.features import FeatureParams
     from trainable.shards import ShardError, load_shards
+    from trainable.storage import LocationError
 
     params = FeatureParams.from_dict(meta["features"])
     try:
         data = load_shards(uri, folds=meta["folds"], expect=params)
-    except ShardError as e:
+    except (ShardError, LocationError) as e:
         raise UserError(
             f"out-of-fold report: {e} (the checkpoint's feature parameters are {params.to_json()})"
         ) from None
@@ -174,70 +174,6 @@ def write_report(oof: OutOfFold, out: Path) -> dict[str, float]:
     if len(seen):
         metrics["oof_worst_class_acc"] = float(seen.accuracy.min())
     return metrics
-
-
-# ---- a search's out-of-fold predictions, for BBC-CV (search/bbc.py) ------------------------------
-
-OOF_ARTIFACT_DIR = "oof"  # on a trial run: oof/oof.npz, the final epoch's out-of-fold predictions
-
-
-def read_stream_oof(fs: Any, path: str) -> dict[str, np.ndarray] | None:
-    """The out-of-fold arrays at `path` in a pyarrow filesystem; None when there is no such file."""
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    from trainable.checkpoint import read_oof
-
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return None
-    with tempfile.TemporaryDirectory(prefix="esc50_oof_") as d:
-        local = Path(d) / "oof.npz"
-        with fs.open_input_stream(path) as src:
-            local.write_bytes(src.read())
-        return read_oof(local)
-
-
-def read_checkpoint_oof(uri: str) -> dict[str, np.ndarray] | None:
-    """The out-of-fold arrays in a trial's checkpoint (a local path or URI); None when it has none
-    (a checkpoint of an epoch before the last)."""
-    from trainable.checkpoint import OOF_FILE
-    from trainable.shards import resolve
-
-    fs, root = resolve(uri.removeprefix("file://"))
-    return read_stream_oof(fs, f"{root.rstrip('/')}/{OOF_FILE}")
-
-
-def read_run_oof(c: Any, run_id: str) -> dict[str, np.ndarray] | None:
-    """The out-of-fold arrays logged on a trial run (artifact oof/oof.npz); None when it has none."""
-    import tempfile
-
-    from trainable.checkpoint import OOF_FILE, read_oof
-
-    with tempfile.TemporaryDirectory(prefix="esc50_oof_") as d:
-        try:
-            local = c.download_artifacts(run_id, f"{OOF_ARTIFACT_DIR}/{OOF_FILE}", d)
-        except Exception:  # no such artifact (an older search, a failed upload)
-            return None
-        return read_oof(local)
-
-
-def trial_oof(c: Any, run_id: str | None, checkpoint: str | None) -> dict[str, np.ndarray] | None:
-    """A completed trial's out-of-fold arrays: its run's artifact, else its checkpoint's file."""
-    oof = read_run_oof(c, run_id) if run_id else None
-    if oof is None and checkpoint:
-        with contextlib.suppress(Exception):  # the storage moved: then the trial has none to give
-            oof = read_checkpoint_oof(checkpoint)
-    return oof
-
-
-def search_bbc(oofs: list[dict[str, np.ndarray]], seed: int = 0) -> Any:
-    """BBC-CV (search/bbc.py) of the completed trials' out-of-fold arrays; None without any."""
-    from search.bbc import bbc_cv, correctness
-
-    if not oofs:
-        return None
-    return bbc_cv(correctness(oofs), seed=seed)
 
 
 def plot_confusion(cm: np.ndarray, classes: tuple[str, ...], path: Path, title: str) -> None:

@@ -81,18 +81,6 @@ def take(
     return source.unfold(2, length, 1)[rows, :, offset].float()
 
 
-def random_roll(x: torch.Tensor, fraction: float, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Circular shift in time by a random number of frames in [-fraction*T, +fraction*T] per clip."""
-    return take(x, torch.arange(len(x), device=x.device), 0, fraction, gen, wrap(x)) if fraction > 0 else x
-
-
-def random_crop(x: torch.Tensor, frames: int, gen: torch.Generator | None = None) -> torch.Tensor:
-    """A random window of `frames` frames per clip (the whole clip if it is not longer)."""
-    if frames <= 0 or frames >= x.shape[-1]:
-        return x
-    return take(x, torch.arange(len(x), device=x.device), frames, 0.0, gen)
-
-
 def eval_crops(x: torch.Tensor, frames: int, n: int) -> list[torch.Tensor]:
     """`n` evenly spaced windows of `frames` frames covering the clip, for multi-crop evaluation."""
     t = x.shape[-1]
