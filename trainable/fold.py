@@ -56,8 +56,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up on `device`: on CUDA, and on CPUs with AMX bf16
-    tiles (training steps measured 1.9-2.9x faster on this project's 2-core Xeon,
-    bench/results/cpu_bf16_*.json); other CPUs emulate bf16 and would get slower."""
+    tiles (an epoch of the compact recipe measured 2.2x faster on this project's 2-core Xeon,
+    bench/results/cpu_bf16_20261128T221928.json); other CPUs emulate bf16 and would get slower."""
     if device.type == "cuda":
         return True
     caps = getattr(torch.cpu, "get_capabilities", dict)()
