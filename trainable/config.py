@@ -222,7 +222,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_crops=0,
     ),
     # The GPU recipe: a wider, longer-trained CNN with the full augmentation set. 5-fold mean
-    # 90.6% +- 1.4 on an H100 (README, Results; 5 folds sharing the GPU: 4.6 minutes).
+    # 90.6% +- 1.4 reported on an H100 (5 folds sharing the GPU: 4.6 minutes; its result file was
+    # not kept, so the README withdraws it until re-measured).
     "full": dict(
         arch="cnn",
         width=64,
