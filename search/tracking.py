@@ -286,10 +286,9 @@ class MLflowTrialCallback(tune.Callback):
         data: Mapping[str, Any] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
-        # the shards (search/provenance.py: shards, fingerprint, features, n_clips) and the code
-        # version, recorded on every trial run
+        # the shards (search/provenance.py: shards, fingerprint, features, n_clips), recorded on
+        # every trial run with the code version (`code`: read by the driver that logs, not pickled)
         self.data = dict(data or {})
-        self.code = provenance.code_tags()
         self.sampled = tuple(sampled)  # names the space samples (the rest of a config is constant)
         self.experiment_id = experiment_id
         self.search = search
@@ -304,13 +303,26 @@ class MLflowTrialCallback(tune.Callback):
         self._done: set[str] = set()  # trial ids whose run was ended by this process
         self._no_params: set[str] = set()  # run ids whose params are not logged yet
         self._orphans_checked = False
+        self._code: dict[str, str] | None = None
+        self._created: set[str] = set()  # run ids created by this process
+        self._continued: set[str] = set()  # run ids of an earlier driver, tagged with this one's code
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("code", None)  # a tuner.pkl saved before the code version was read lazily
         self.__dict__.update(state)
         self._reset()
+
+    @property
+    def code(self) -> dict[str, str]:
+        """The code version of the driver that runs now (search/provenance.py). Read here, never
+        pickled: a resumed search unpickles the callback Tune saved, and its trial runs must carry
+        the resuming code's commit, not the one the search started with."""
+        if self._code is None:
+            self._code = provenance.code_tags()
+        return self._code
 
     # ---- runs ---------------------------------------------------------------------------------
     @property
@@ -344,7 +356,13 @@ class MLflowTrialCallback(tune.Callback):
         if tid not in runs:
             runs[tid] = self._create_run(trial)
             self._no_params.add(runs[tid])
+            self._created.add(runs[tid])
         rid = runs[tid]
+        if rid not in self._created and rid not in self._continued:
+            # a run an earlier driver created, continued by this one: its commit tag stays the one
+            # it started with, the code that goes on with it is tagged beside (as on a search run)
+            self.client.set_tag(rid, TAG_RESUMED_COMMIT, self.code[provenance.TAG_COMMIT])
+            self._continued.add(rid)
         if rid in self._no_params:
             self._log_params(rid, trial)
             self._no_params.discard(rid)
@@ -376,7 +394,7 @@ class MLflowTrialCallback(tune.Callback):
             TAG_STATUS: RUNNING,
             TAG_FOLDS: ",".join(map(str, self.folds)),
             TAG_SAMPLED: ",".join(k for k in self.sampled if k in trial.config),
-            **getattr(self, "code", {}),
+            **self.code,
             **provenance.data_tags(
                 getattr(self, "data", {}).get("fingerprint"), getattr(self, "data", {}).get("features")
             ),
