@@ -56,6 +56,7 @@ from search.store import (
     TAG_STATUS,
     TAG_TRIAL,
     TAG_TRIAL_ALIAS,
+    TAG_TRIAL_NUMBER,
     client,
     experiment_id,
     log_oof_artifact,
@@ -345,16 +346,17 @@ class MLflowTrialCallback(tune.Callback):
                         self._no_params.add(run.info.run_id)
         return self._runs
 
-    def run_id(self, trial: Any) -> str:
+    def run_id(self, trial: Any, trials: list | None = None) -> str:
         """The trial's run: the one already recorded for it (resume, or a retried hook), else a new one.
 
         The run is created with the trial's id as a tag in the same request, so from the moment it
         exists a search by tag finds it (`_known`); everything logged to it afterwards (params,
-        metrics) can fail and be retried without making a second run."""
+        metrics) can fail and be retried without making a second run. `trials`: Tune's list of
+        the search's trials, in the order it made them (the trial's place is tagged, for ties)."""
         runs = self._known()
         tid = trial.trial_id
         if tid not in runs:
-            runs[tid] = self._create_run(trial)
+            runs[tid] = self._create_run(trial, trials)
             self._no_params.add(runs[tid])
             self._created.add(runs[tid])
         rid = runs[tid]
@@ -383,8 +385,9 @@ class MLflowTrialCallback(tune.Callback):
         self.client.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(params.items())])
         _log_dataset(self.client, rid, getattr(self, "data", {}))
 
-    def _create_run(self, trial: Any) -> str:
+    def _create_run(self, trial: Any, trials: list | None = None) -> str:
         tid = trial.trial_id
+        number = next((i for i, t in enumerate(trials or ()) if t.trial_id == tid), None)
         tags = {
             TAG_ROLE: ROLE_TRIAL,
             TAG_SEARCH: self.search,
@@ -394,6 +397,7 @@ class MLflowTrialCallback(tune.Callback):
             TAG_STATUS: RUNNING,
             TAG_FOLDS: ",".join(map(str, self.folds)),
             TAG_SAMPLED: ",".join(k for k in self.sampled if k in trial.config),
+            **({TAG_TRIAL_NUMBER: str(number)} if number is not None else {}),
             **self.code,
             **provenance.data_tags(
                 getattr(self, "data", {}).get("fingerprint"), getattr(self, "data", {}).get("features")
@@ -401,8 +405,8 @@ class MLflowTrialCallback(tune.Callback):
         }
         return self.client.create_run(self.experiment_id, run_name=f"trial_{tid}", tags=tags).info.run_id
 
-    def _set_status(self, trial: Any, status: str, error: str | None = None) -> None:
-        rid = self.run_id(trial)
+    def _set_status(self, trial: Any, trials: list, status: str, error: str | None = None) -> None:
+        rid = self.run_id(trial, trials)
         self.client.set_tag(rid, TAG_STATUS, status)
         if error:
             self.client.set_tag(rid, TAG_ERROR, error[:5000])
@@ -431,7 +435,7 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.run_id(trial)
+        rid = self.run_id(trial, trials)
         run = self.client.get_run(rid)
         if run.info.status != "RUNNING":  # a resumed trial: its run goes on
             self.client.update_run(rid, status="RUNNING")
@@ -440,13 +444,13 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_id(trial)
+        self.run_id(trial, trials)
 
     @_safe
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         from mlflow.entities import Metric
 
-        rid = self.run_id(trial)
+        rid = self.run_id(trial, trials)
         step = int(result.get("epoch") or result.get("training_iteration") or 0)
         if step in self._steps[rid]:
             return  # a trial resumed from an older checkpoint reports this epoch again
@@ -457,7 +461,7 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
-        rid = self.run_id(trial)
+        rid = self.run_id(trial, trials)
         self.client.set_tag(
             rid, TAG_CHECKPOINT, uri_of(getattr(checkpoint, "filesystem", None), checkpoint.path)
         )
@@ -465,11 +469,11 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_tag(self.run_id(trial), TAG_FAILURES, str(getattr(trial, "num_failures", "")))
+        self.client.set_tag(self.run_id(trial, trials), TAG_FAILURES, str(getattr(trial, "num_failures", "")))
 
     @_safe
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._set_status(trial, trial_status(trial.config, trial.last_result, errored=False))
+        self._set_status(trial, trials, trial_status(trial.config, trial.last_result, errored=False))
 
     @_safe
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -481,7 +485,7 @@ class MLflowTrialCallback(tune.Callback):
                 error = error_line(text, last=True, limit=5000) if text.strip() else None
         except OSError:
             pass
-        self._set_status(trial, FAILED, error)
+        self._set_status(trial, trials, FAILED, error)
 
     @_safe
     def on_experiment_end(self, trials: list, **info: Any) -> None:

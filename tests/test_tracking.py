@@ -83,6 +83,12 @@ def test_smoke_search_tune_and_mlflow_agree(smoke_search, tiny_shards: str, tmp_
     completed = [r for r in runs.values() if r.data.tags["esc50.status"] == "completed"]
     top = max(r.data.metrics["cv_acc_mean"] for r in completed)
     best = next(r for r in completed if r.info.run_id == result.best_run_id)  # the best is a completed trial
+    # ...and of the completed trials at that score, the one Tune made first (trainable/protocol.py)
+    assert sorted(int(r.data.tags["esc50.trial_number"]) for r in runs.values()) == [0, 1, 2]
+    tied = [r for r in completed if r.data.metrics["cv_acc_mean"] == best.data.metrics["cv_acc_mean"]]
+    assert best.data.tags["esc50.trial_number"] == min(
+        (r.data.tags["esc50.trial_number"] for r in tied), key=int
+    )
     assert best.data.metrics["cv_acc_mean"] == pytest.approx(top) == result.best_cv_acc_mean
     assert parent.data.metrics["best_cv_acc_mean"] == pytest.approx(top)
     assert result.best_run_id == parent.data.tags["esc50.best_run_id"]
