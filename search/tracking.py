@@ -25,7 +25,7 @@ from typing import Any
 
 from ray import tune
 
-from search import provenance
+from search import interrupt, provenance
 from search.errors import UserError
 from search.store import (
     FAILED,
@@ -416,6 +416,7 @@ class MLflowTrialCallback(tune.Callback):
     # ---- Tune hooks -----------------------------------------------------------------------------
     def setup(self, **info: Any) -> None:
         self._reset()
+        interrupt.watch()  # Tune's signal handlers are in place now: note a Ctrl-C before them
 
     @_safe
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
@@ -490,12 +491,15 @@ class MLflowTrialCallback(tune.Callback):
     @_safe
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Close the runs Tune ended without a completion hook (a stopper's stop-all), and mark the
-        unfinished ones (the driver was interrupted) KILLED/interrupted until a resume goes on."""
+        unfinished ones KILLED/interrupted until a resume goes on: those Tune never ended, and after
+        a Ctrl-C (search/interrupt.py) also the ones it stopped then (TERMINATED, as a stop-all
+        leaves them; its saved state, written before, has them running: a resume goes on with them)."""
+        by_signal = interrupt.stopped()
         for trial in trials:
             rid = self._known().get(trial.trial_id)
             if rid is None or trial.trial_id in self._done:
                 continue
-            if trial.status == "TERMINATED":
+            if trial.status == "TERMINATED" and not by_signal:
                 status = trial_status(trial.config, trial.last_result, errored=False)
             elif trial.status == "ERROR":
                 status = FAILED
