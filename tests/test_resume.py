@@ -13,6 +13,7 @@ import pytest
 
 from search.cli import main
 from search.store import client
+from search.study import LOST_ATTR
 from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
 from tests.test_tracking import assert_agree
 
@@ -70,8 +71,8 @@ def test_resume_after_the_driver_is_killed(
     assert len(deleted) <= 1  # at most the run of a trial Tune never saved, deleted (not a duplicate)
 
     # The resumed search went on in the same stored Optuna study (search/study.py): every Tune trial
-    # is there, complete, with MLflow's value. At most one more, still RUNNING: a trial the killed
-    # driver had asked Optuna for and Tune never saved (as with MLflow's deleted run above).
+    # is there, complete, with MLflow's value. At most one more, told FAIL by the resume: a trial
+    # the killed driver had asked Optuna for and Tune never saved (as with MLflow's deleted run above).
     import optuna
 
     study = optuna.load_study(study_name="res", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -80,7 +81,9 @@ def test_resume_after_the_driver_is_killed(
     for tid, run in runs.items():
         assert done[tid].value == pytest.approx(run.data.metrics["cv_acc_mean"])
     assert len(study.trials) - len(done) <= 1 and all(
-        t.state.name == "RUNNING" for t in study.trials if t.state.name != "COMPLETE"
+        t.state.name == "FAIL" and LOST_ATTR in t.user_attrs
+        for t in study.trials
+        if t.state.name != "COMPLETE"
     )
 
     # Resuming a finished search changes nothing.
