@@ -220,10 +220,15 @@ def close_search_run(
     c.set_terminated(run_id, status="KILLED" if interrupted else "FINISHED")
 
 
-def fail_search_run(uri: str, run_id: str) -> None:
-    """End the parent run as FAILED (the search raised); quietly, the search's own error is what counts."""
+def fail_search_run(uri: str, run_id: str, interrupted: bool = False) -> None:
+    """End the parent run as FAILED (the search raised), or KILLED/interrupted when the user stopped
+    it harder than Tune lets itself be stopped (a second Ctrl-C: KeyboardInterrupt), which a resume
+    goes on with; quietly, the search's own error is what counts."""
     try:
-        client(uri).set_terminated(run_id, status="FAILED")
+        c = client(uri)
+        if interrupted:
+            c.set_tag(run_id, TAG_STATE, "interrupted")
+        c.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
     except Exception:
         pass
 

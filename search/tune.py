@@ -207,8 +207,8 @@ def _search(
                 artifacts,
                 skipped,
             )
-    except BaseException:
-        tracking.fail_search_run(opts.tracking_uri, parent.run_id)
+    except BaseException as e:
+        tracking.fail_search_run(opts.tracking_uri, parent.run_id, isinstance(e, KeyboardInterrupt))
         raise
     result = SearchResult(
         name=opts.name,

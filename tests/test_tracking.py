@@ -14,7 +14,7 @@ import pytest
 
 from search.options import SearchOptions
 from search.store import check_tracking, client, experiment_id
-from search.tracking import MLflowTrialCallback, open_search_run
+from search.tracking import MLflowTrialCallback, fail_search_run, open_search_run
 from tests.fixtures.records import mlflow_runs
 from trainable.config import TrainConfig
 
@@ -191,8 +191,13 @@ def test_callback_logs_nothing_twice(mlflow_uri: str, tmp_path: Path) -> None:
     t.last_result = _result(2)
     cb2.on_trial_complete(0, [t], t)
 
+    # A second Ctrl-C (KeyboardInterrupt out of Tune) ends the search run resumable, not failed.
+    fail_search_run(mlflow_uri, parent.run_id, interrupted=True)
+    run = client(mlflow_uri).get_run(parent.run_id)
+    assert (run.info.status, run.data.tags["esc50.state"]) == ("KILLED", "interrupted")
     again = open_search_run(mlflow_uri, opts, space, {"trials": 1})
     assert again.resumed and again.run_id == parent.run_id
+    assert client(mlflow_uri).get_run(parent.run_id).info.status == "RUNNING"
     _, runs = mlflow_runs(mlflow_uri, "cb")
     assert list(runs) == ["t1"]
     c = client(mlflow_uri)
