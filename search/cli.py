@@ -430,6 +430,12 @@ def _run_main(args: argparse.Namespace) -> int:
         args.name, args.space, args.trials, args.epochs, args.tracking_uri, args.gpus_per_fold, args.smoke
     )
     result = run_main(args.source, opts)
+    if result.promoted is None:  # interrupted (Ctrl-C): resumable, so nothing is promoted yet
+        print(
+            f"esc50 main: interrupted before promotion; go on with: {result.resume_commands()}",
+            file=sys.stderr,
+        )
+        return 130
     print(result.promoted.summary())
     print(
         f"esc50 main: done in {result.seconds / 60:.1f} min; `esc50 ui` to browse, `esc50 predict FILE` to classify"

@@ -31,8 +31,16 @@ MAIN_EPOCHS: int | None = None  # the space's own (15 for `cpu`)
 class MainResult:
     prepared: PrepareResult
     search: SearchResult
-    promoted: Promotion
+    promoted: Promotion | None  # None: the search was interrupted, nothing promoted
     seconds: float
+
+    def resume_commands(self) -> str:
+        """How to go on after an interrupted search: resume it, then promote its best trial."""
+        s = self.search
+        return (
+            f"esc50 search --resume {s.name} --storage {s.options.storage}"
+            f" && esc50 promote --search {s.name} --tracking-uri {s.tracking_uri}"
+        )
 
 
 def main_options(
@@ -64,7 +72,8 @@ def run_main(
     workers: int = 2,
     model_name: str = "esc50-cnn",
 ) -> MainResult:
-    """Prepare the shards (a no-op when up to date), run the search, promote its best trial."""
+    """Prepare the shards (a no-op when up to date), run the search, promote its best trial; an
+    interrupted search (Ctrl-C) is not promoted (`promoted` None): it is resumed first."""
     from search.data.prepare import prepare
     from search.release.promote import promote
     from search.tune import run_search
@@ -75,5 +84,7 @@ def run_main(
     prepared = prepare(source, search.shards, params, workers=workers)
     print(prepared.summary(), flush=True)
     result = run_search(dataclasses.replace(search, shards=prepared.out))  # prints its own summary
+    if result.interrupted:
+        return MainResult(prepared, result, None, time.perf_counter() - t0)
     promoted = promote(search=result.name, tracking=result.tracking_uri, name=model_name)
     return MainResult(prepared, result, promoted, time.perf_counter() - t0)

@@ -21,7 +21,7 @@ from typing import Any
 
 from search.store import COMPLETED, FAILED, PRUNED, planned_epochs, trial_status
 from trainable.errors import error_line
-from trainable.protocol import METRIC
+from trainable.protocol import METRIC, best_first
 from trainable.storage import uri_of
 
 PENDING = "pending"
@@ -128,14 +128,15 @@ def _num(v: Any) -> float | None:
 def ranked(rows: Sequence[TrialRow]) -> list[TrialRow]:
     """Completed trials by cv_acc_mean first, then pruned ones, then failed ones."""
     order = {COMPLETED: 0, PRUNED: 1, FAILED: 2}  # then interrupted / pending
-    return sorted(rows, key=lambda r: (order.get(r.status, 3), -r.value, r.trial_id))
+    return sorted(rows, key=lambda r: (order.get(r.status, 3), *best_first(r.cv_acc_mean, r.index)))
 
 
 def best(rows: Sequence[TrialRow]) -> TrialRow | None:
-    """The best completed trial (all epochs trained); else the best trial that reported at all."""
+    """The best completed trial (all epochs trained); else the best trial that reported at all.
+    Ties: trainable/protocol.py best_first (`esc50 promote` picks by the same rule)."""
     done = [r for r in rows if r.status == COMPLETED and r.cv_acc_mean is not None]
     pool = done or [r for r in rows if r.cv_acc_mean is not None]
-    return max(pool, key=lambda r: r.value) if pool else None
+    return min(pool, key=lambda r: best_first(r.cv_acc_mean, r.index)) if pool else None
 
 
 def counts(rows: Sequence[TrialRow]) -> dict[str, int]:

@@ -31,6 +31,15 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
                 self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         return config
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's saved searcher state (a resumed search); a stored study's trials that this state
+        does not know (asked for by a driver killed before Tune saved them) are told FAIL."""
+        super().restore(checkpoint_path)
+        if self._storage is not None:
+            from search.study import fail_lost
+
+            fail_lost(self._ot_study, (t.number for t in self._ot_trials.values()))
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         from optuna.exceptions import UpdateFinishedTrialError
 

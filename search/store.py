@@ -34,6 +34,7 @@ TAG_PLOTS_SKIPPED = "esc50.plots_skipped"
 # a trial run
 TAG_TRIAL = "esc50.trial_id"
 TAG_TRIAL_ALIAS = "esc50.trial"  # the same id, under the name the promote step also reads
+TAG_TRIAL_NUMBER = "esc50.trial_number"  # its place in Tune's trial list (0 = made first): ties
 TAG_CHECKPOINT = "esc50.checkpoint"
 TAG_STATUS = "esc50.status"
 TAG_FOLDS = "esc50.folds"

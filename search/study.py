@@ -20,12 +20,14 @@ the study the search's MLflow run (`mlflow_run_id`, `mlflow_tracking_uri`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from search.errors import UserError
 
 STUDY_FILE = "optuna.db"
 TUNE_TRIAL_ATTR = "tune_trial_id"
+LOST_ATTR = "esc50_lost"  # on a trial told FAIL because Tune never saved it (`fail_lost`)
 NONE = ("", "none", "memory")
 
 
@@ -86,3 +88,24 @@ def load(url: str | None, name: str) -> Any:
         return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
         return None
+
+
+def fail_lost(study: Any, known: Iterable[int]) -> list[int]:
+    """Tell FAIL to the study's RUNNING trials whose numbers are not in `known` (the trials the
+    restored Tune state has); returns their numbers.
+
+    A driver killed after asking Optuna for a trial and before Tune saved it leaves that trial
+    RUNNING in the stored study; the resumed Tune never runs it, so it would stay RUNNING for
+    good: shown as running in optuna-dashboard, and a pending trial to the sampler."""
+    from optuna.trial import TrialState
+
+    known = set(known)
+    lost = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in known
+    ]
+    for t in lost:
+        study._storage.set_trial_user_attr(
+            t._trial_id, LOST_ATTR, "the search's driver stopped before Tune saved this trial; never run"
+        )
+        study.tell(t.number, state=TrialState.FAIL)
+    return [t.number for t in lost]

@@ -25,7 +25,7 @@ from typing import Any
 
 from ray import tune
 
-from search import provenance
+from search import interrupt, provenance
 from search.errors import UserError
 from search.store import (
     FAILED,
@@ -56,6 +56,7 @@ from search.store import (
     TAG_STATUS,
     TAG_TRIAL,
     TAG_TRIAL_ALIAS,
+    TAG_TRIAL_NUMBER,
     client,
     experiment_id,
     log_oof_artifact,
@@ -219,10 +220,15 @@ def close_search_run(
     c.set_terminated(run_id, status="KILLED" if interrupted else "FINISHED")
 
 
-def fail_search_run(uri: str, run_id: str) -> None:
-    """End the parent run as FAILED (the search raised); quietly, the search's own error is what counts."""
+def fail_search_run(uri: str, run_id: str, interrupted: bool = False) -> None:
+    """End the parent run as FAILED (the search raised), or KILLED/interrupted when the user stopped
+    it harder than Tune lets itself be stopped (a second Ctrl-C: KeyboardInterrupt), which a resume
+    goes on with; quietly, the search's own error is what counts."""
     try:
-        client(uri).set_terminated(run_id, status="FAILED")
+        c = client(uri)
+        if interrupted:
+            c.set_tag(run_id, TAG_STATE, "interrupted")
+        c.set_terminated(run_id, status="KILLED" if interrupted else "FAILED")
     except Exception:
         pass
 
@@ -286,10 +292,9 @@ class MLflowTrialCallback(tune.Callback):
         data: Mapping[str, Any] | None = None,
     ) -> None:
         self.tracking_uri = tracking_uri
-        # the shards (search/provenance.py: shards, fingerprint, features, n_clips) and the code
-        # version, recorded on every trial run
+        # the shards (search/provenance.py: shards, fingerprint, features, n_clips), recorded on
+        # every trial run with the code version (`code`: read by the driver that logs, not pickled)
         self.data = dict(data or {})
-        self.code = provenance.code_tags()
         self.sampled = tuple(sampled)  # names the space samples (the rest of a config is constant)
         self.experiment_id = experiment_id
         self.search = search
@@ -304,13 +309,26 @@ class MLflowTrialCallback(tune.Callback):
         self._done: set[str] = set()  # trial ids whose run was ended by this process
         self._no_params: set[str] = set()  # run ids whose params are not logged yet
         self._orphans_checked = False
+        self._code: dict[str, str] | None = None
+        self._created: set[str] = set()  # run ids created by this process
+        self._continued: set[str] = set()  # run ids of an earlier driver, tagged with this one's code
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("code", None)  # a tuner.pkl saved before the code version was read lazily
         self.__dict__.update(state)
         self._reset()
+
+    @property
+    def code(self) -> dict[str, str]:
+        """The code version of the driver that runs now (search/provenance.py). Read here, never
+        pickled: a resumed search unpickles the callback Tune saved, and its trial runs must carry
+        the resuming code's commit, not the one the search started with."""
+        if self._code is None:
+            self._code = provenance.code_tags()
+        return self._code
 
     # ---- runs ---------------------------------------------------------------------------------
     @property
@@ -333,18 +351,25 @@ class MLflowTrialCallback(tune.Callback):
                         self._no_params.add(run.info.run_id)
         return self._runs
 
-    def run_id(self, trial: Any) -> str:
+    def run_id(self, trial: Any, trials: list | None = None) -> str:
         """The trial's run: the one already recorded for it (resume, or a retried hook), else a new one.
 
         The run is created with the trial's id as a tag in the same request, so from the moment it
         exists a search by tag finds it (`_known`); everything logged to it afterwards (params,
-        metrics) can fail and be retried without making a second run."""
+        metrics) can fail and be retried without making a second run. `trials`: Tune's list of
+        the search's trials, in the order it made them (the trial's place is tagged, for ties)."""
         runs = self._known()
         tid = trial.trial_id
         if tid not in runs:
-            runs[tid] = self._create_run(trial)
+            runs[tid] = self._create_run(trial, trials)
             self._no_params.add(runs[tid])
+            self._created.add(runs[tid])
         rid = runs[tid]
+        if rid not in self._created and rid not in self._continued:
+            # a run an earlier driver created, continued by this one: its commit tag stays the one
+            # it started with, the code that goes on with it is tagged beside (as on a search run)
+            self.client.set_tag(rid, TAG_RESUMED_COMMIT, self.code[provenance.TAG_COMMIT])
+            self._continued.add(rid)
         if rid in self._no_params:
             self._log_params(rid, trial)
             self._no_params.discard(rid)
@@ -365,8 +390,9 @@ class MLflowTrialCallback(tune.Callback):
         self.client.log_batch(rid, params=[Param(k, str(v)) for k, v in sorted(params.items())])
         _log_dataset(self.client, rid, getattr(self, "data", {}))
 
-    def _create_run(self, trial: Any) -> str:
+    def _create_run(self, trial: Any, trials: list | None = None) -> str:
         tid = trial.trial_id
+        number = next((i for i, t in enumerate(trials or ()) if t.trial_id == tid), None)
         tags = {
             TAG_ROLE: ROLE_TRIAL,
             TAG_SEARCH: self.search,
@@ -376,15 +402,16 @@ class MLflowTrialCallback(tune.Callback):
             TAG_STATUS: RUNNING,
             TAG_FOLDS: ",".join(map(str, self.folds)),
             TAG_SAMPLED: ",".join(k for k in self.sampled if k in trial.config),
-            **getattr(self, "code", {}),
+            **({TAG_TRIAL_NUMBER: str(number)} if number is not None else {}),
+            **self.code,
             **provenance.data_tags(
                 getattr(self, "data", {}).get("fingerprint"), getattr(self, "data", {}).get("features")
             ),
         }
         return self.client.create_run(self.experiment_id, run_name=f"trial_{tid}", tags=tags).info.run_id
 
-    def _set_status(self, trial: Any, status: str, error: str | None = None) -> None:
-        rid = self.run_id(trial)
+    def _set_status(self, trial: Any, trials: list, status: str, error: str | None = None) -> None:
+        rid = self.run_id(trial, trials)
         self.client.set_tag(rid, TAG_STATUS, status)
         if error:
             self.client.set_tag(rid, TAG_ERROR, error[:5000])
@@ -394,6 +421,7 @@ class MLflowTrialCallback(tune.Callback):
     # ---- Tune hooks -----------------------------------------------------------------------------
     def setup(self, **info: Any) -> None:
         self._reset()
+        interrupt.watch()  # Tune's signal handlers are in place now: note a Ctrl-C before them
 
     @_safe
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
@@ -413,7 +441,7 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        rid = self.run_id(trial)
+        rid = self.run_id(trial, trials)
         run = self.client.get_run(rid)
         if run.info.status != "RUNNING":  # a resumed trial: its run goes on
             self.client.update_run(rid, status="RUNNING")
@@ -422,13 +450,13 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_trial_restore(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_id(trial)
+        self.run_id(trial, trials)
 
     @_safe
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         from mlflow.entities import Metric
 
-        rid = self.run_id(trial)
+        rid = self.run_id(trial, trials)
         step = int(result.get("epoch") or result.get("training_iteration") or 0)
         if step in self._steps[rid]:
             return  # a trial resumed from an older checkpoint reports this epoch again
@@ -439,7 +467,7 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
-        rid = self.run_id(trial)
+        rid = self.run_id(trial, trials)
         self.client.set_tag(
             rid, TAG_CHECKPOINT, uri_of(getattr(checkpoint, "filesystem", None), checkpoint.path)
         )
@@ -447,11 +475,11 @@ class MLflowTrialCallback(tune.Callback):
 
     @_safe
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_tag(self.run_id(trial), TAG_FAILURES, str(getattr(trial, "num_failures", "")))
+        self.client.set_tag(self.run_id(trial, trials), TAG_FAILURES, str(getattr(trial, "num_failures", "")))
 
     @_safe
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._set_status(trial, trial_status(trial.config, trial.last_result, errored=False))
+        self._set_status(trial, trials, trial_status(trial.config, trial.last_result, errored=False))
 
     @_safe
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -463,17 +491,20 @@ class MLflowTrialCallback(tune.Callback):
                 error = error_line(text, last=True, limit=5000) if text.strip() else None
         except OSError:
             pass
-        self._set_status(trial, FAILED, error)
+        self._set_status(trial, trials, FAILED, error)
 
     @_safe
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         """Close the runs Tune ended without a completion hook (a stopper's stop-all), and mark the
-        unfinished ones (the driver was interrupted) KILLED/interrupted until a resume goes on."""
+        unfinished ones KILLED/interrupted until a resume goes on: those Tune never ended, and after
+        a Ctrl-C (search/interrupt.py) also the ones it stopped then (TERMINATED, as a stop-all
+        leaves them; its saved state, written before, has them running: a resume goes on with them)."""
+        by_signal = interrupt.stopped()
         for trial in trials:
             rid = self._known().get(trial.trial_id)
             if rid is None or trial.trial_id in self._done:
                 continue
-            if trial.status == "TERMINATED":
+            if trial.status == "TERMINATED" and not by_signal:
                 status = trial_status(trial.config, trial.last_result, errored=False)
             elif trial.status == "ERROR":
                 status = FAILED

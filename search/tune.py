@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from search import experiment, store
+from search import experiment, interrupt, store
 from search.cluster import start_ray
 from search.options import SearchOptions
 from search.searcher import (  # noqa: F401  (EarlyStopAwareOptunaSearch: named here by older tuner.pkl)
@@ -176,7 +176,8 @@ def _search(
             _set_output(tuner, opts, sampled)
         else:
             tuner = _tuner(trainable, opts, space, epochs, sampled, parent, shards, stop)
-        results = tuner.fit()
+        with interrupt.guard():
+            results = tuner.fit()
 
         # 5. the results: ranked rows, counts, BBC-CV; the parent run closed
         c = store.client(opts.tracking_uri)
@@ -187,7 +188,8 @@ def _search(
         if experiment.keep_checkpoints(opts.storage) is None:
             experiment.prune_checkpoints(results, rows)
         counts = report.counts(rows)
-        interrupted = sum(counts.get(k, 0) for k in store.ENDED) < opts.trials
+        # stopped by Ctrl-C (Tune returns from fit as if done), or fewer trials ended than asked
+        interrupted = interrupt.stopped() or sum(counts.get(k, 0) for k in store.ENDED) < opts.trials
         best = report.best(rows)
         fold_epochs = sum(r.epochs_done for r in rows) * len(opts.folds)
         bbc = _bbc(c, rows, opts.seed)
@@ -205,8 +207,8 @@ def _search(
                 artifacts,
                 skipped,
             )
-    except BaseException:
-        tracking.fail_search_run(opts.tracking_uri, parent.run_id)
+    except BaseException as e:
+        tracking.fail_search_run(opts.tracking_uri, parent.run_id, isinstance(e, KeyboardInterrupt))
         raise
     result = SearchResult(
         name=opts.name,

@@ -78,6 +78,28 @@ def test_promote_picks_the_best_finished_trial_and_registers_champion(
     assert "out-of-fold acc" in result.summary() and "esc50-cnn v1 is champion" in result.summary()
 
 
+def test_tied_trials_promote_picks_the_search_best(tmp_path: Path, mlflow_uri: str) -> None:
+    """Tied cv_acc_mean: the search's summary (report.best) and promote pick the same trial, the
+    one Tune made first (tag esc50.trial_number), whatever order MLflow lists the runs in."""
+    from search.release.promote import find_trial
+    from search.report import TrialRow, best
+    from search.store import client
+
+    ckpt = tmp_path / "ckpt"
+    numbers = [1, 0, 2]  # the runs' start order is not Tune's order of the trials
+    trials = [_trial(ckpt, 0.5, trial=f"t{n}") for n in numbers] + [_trial(ckpt, 0.4, trial="t3")]
+    ids = log_search(mlflow_uri, "tie", trials, None, tmp_path / "artifacts")
+    c = client(mlflow_uri)
+    for rid, n in zip(ids, [*numbers, 3], strict=True):
+        c.set_tag(rid, "esc50.trial_number", str(n))
+    rows = [
+        TrialRow(f"t{n}", "completed", 2, 2, t["cv_acc_mean"], 0.01, {}, {}, str(ckpt), rid, index=n)
+        for n, t, rid in zip([*numbers, 3], trials, ids, strict=True)
+    ]
+    assert best(rows).trial_id == best(rows[::-1]).trial_id == "t0"
+    assert find_trial(c, search="tie").trial_id == "t0"
+
+
 def test_promote_bad_input_is_a_clear_error(
     trained_checkpoint, mlflow_uri: str, tmp_path: Path, capsys
 ) -> None:
@@ -207,8 +229,9 @@ def test_promote_a_real_smoke_search(smoke_search, tiny_shards: str, tmp_path: P
     search, result, mlflow_uri = smoke_search.result, smoke_search.promotion, smoke_search.uri
     assert search.counts["completed"] >= 1
     c = MlflowClient(mlflow_uri, mlflow_uri)
-    # the best completed trial; 2 smoke epochs often leave every trial at the same accuracy, and
-    # then the search's best and promote's may be different trials of that score
+    # the search's best trial: 2 smoke epochs often leave trials at the same accuracy, and then
+    # both take the one Tune made first (trainable/protocol.py best_first)
+    assert (result.trial.trial_id, result.trial.run_id) == (search.best_trial_id, search.best_run_id)
     assert result.trial.cv_acc_mean == pytest.approx(search.best_cv_acc_mean)
     trial_run = c.get_run(result.trial.run_id)
     assert trial_run.data.tags["esc50.status"] == "completed"

@@ -13,6 +13,7 @@ import pytest
 
 from search.cli import main
 from search.store import client
+from search.study import LOST_ATTR
 from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
 from tests.test_tracking import assert_agree
 
@@ -70,8 +71,8 @@ def test_resume_after_the_driver_is_killed(
     assert len(deleted) <= 1  # at most the run of a trial Tune never saved, deleted (not a duplicate)
 
     # The resumed search went on in the same stored Optuna study (search/study.py): every Tune trial
-    # is there, complete, with MLflow's value. At most one more, still RUNNING: a trial the killed
-    # driver had asked Optuna for and Tune never saved (as with MLflow's deleted run above).
+    # is there, complete, with MLflow's value. At most one more, told FAIL by the resume: a trial
+    # the killed driver had asked Optuna for and Tune never saved (as with MLflow's deleted run above).
     import optuna
 
     study = optuna.load_study(study_name="res", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
@@ -80,7 +81,9 @@ def test_resume_after_the_driver_is_killed(
     for tid, run in runs.items():
         assert done[tid].value == pytest.approx(run.data.metrics["cv_acc_mean"])
     assert len(study.trials) - len(done) <= 1 and all(
-        t.state.name == "RUNNING" for t in study.trials if t.state.name != "COMPLETE"
+        t.state.name == "FAIL" and LOST_ATTR in t.user_attrs
+        for t in study.trials
+        if t.state.name != "COMPLETE"
     )
 
     # Resuming a finished search changes nothing.
@@ -90,3 +93,57 @@ def test_resume_after_the_driver_is_killed(
     for rid in (r.info.run_id for r in runs2.values()):
         steps = [m.step for m in c.get_metric_history(rid, "cv_acc_mean")]
         assert steps == [1, 2], steps
+
+
+@pytest.mark.ray
+def test_ctrl_c_in_main_stops_before_promotion_and_the_search_resumes(
+    ray_session: None, esc50_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during `esc50 main` (SIGINT to its process group, as a terminal sends it) after the
+    first epoch: the running trial is recorded interrupted (not pruned), the search run is not
+    finished, main stops before promoting, says how to go on and exits 130; the resume finishes it."""
+    import signal
+
+    monkeypatch.chdir(tmp_path)  # main's defaults: ./data, ./runs, ./mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = [sys.executable, "-m", "search", "main", "--smoke", "--trials", "1", "--source", str(esc50_tree), "--name", "cc"]  # fmt: skip
+    log = tmp_path / "main.log"
+    t0 = time.monotonic()
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env=dict(os.environ),
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while " epoch 1/2: " not in log.read_text():
+            assert driver.poll() is None, f"main ended before Ctrl-C:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no epoch in time:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGINT)
+        rc = driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    text = log.read_text()
+    print(f"main until exit: {time.monotonic() - t0:.1f} s\n{text[-4000:]}")
+    assert rc == 130, text[-3000:]
+    assert "esc50 search --resume cc" in text and "esc50 promote --search cc" in text, text[-3000:]
+    parent, runs = mlflow_runs(uri, "cc")
+    assert parent.info.status == "KILLED" and parent.data.tags["esc50.state"] == "interrupted"
+    ((tid, run),) = runs.items()
+    assert (run.data.tags["esc50.status"], run.info.status) == ("interrupted", "KILLED")
+    assert not client(uri).search_registered_models()  # nothing promoted
+
+    # The command it printed goes on: the trial trains to its end in the same run.
+    assert main(["search", "--resume", "cc", "--storage", str(tmp_path / "runs"), "-q"]) == 0
+    parent, runs = mlflow_runs(uri, "cc")
+    assert parent.info.status == "FINISHED" and list(runs) == [tid]
+    assert (runs[tid].data.tags["esc50.status"], runs[tid].info.status) == ("completed", "FINISHED")
+    steps = [m.step for m in client(uri).get_metric_history(runs[tid].info.run_id, "cv_acc_mean")]
+    assert sorted(steps) == [1, 2], steps

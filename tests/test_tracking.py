@@ -14,7 +14,7 @@ import pytest
 
 from search.options import SearchOptions
 from search.store import check_tracking, client, experiment_id
-from search.tracking import MLflowTrialCallback, open_search_run
+from search.tracking import MLflowTrialCallback, fail_search_run, open_search_run
 from tests.fixtures.records import mlflow_runs
 from trainable.config import TrainConfig
 
@@ -83,6 +83,12 @@ def test_smoke_search_tune_and_mlflow_agree(smoke_search, tiny_shards: str, tmp_
     completed = [r for r in runs.values() if r.data.tags["esc50.status"] == "completed"]
     top = max(r.data.metrics["cv_acc_mean"] for r in completed)
     best = next(r for r in completed if r.info.run_id == result.best_run_id)  # the best is a completed trial
+    # ...and of the completed trials at that score, the one Tune made first (trainable/protocol.py)
+    assert sorted(int(r.data.tags["esc50.trial_number"]) for r in runs.values()) == [0, 1, 2]
+    tied = [r for r in completed if r.data.metrics["cv_acc_mean"] == best.data.metrics["cv_acc_mean"]]
+    assert best.data.tags["esc50.trial_number"] == min(
+        (r.data.tags["esc50.trial_number"] for r in tied), key=int
+    )
     assert best.data.metrics["cv_acc_mean"] == pytest.approx(top) == result.best_cv_acc_mean
     assert parent.data.metrics["best_cv_acc_mean"] == pytest.approx(top)
     assert result.best_run_id == parent.data.tags["esc50.best_run_id"]
@@ -185,8 +191,13 @@ def test_callback_logs_nothing_twice(mlflow_uri: str, tmp_path: Path) -> None:
     t.last_result = _result(2)
     cb2.on_trial_complete(0, [t], t)
 
+    # A second Ctrl-C (KeyboardInterrupt out of Tune) ends the search run resumable, not failed.
+    fail_search_run(mlflow_uri, parent.run_id, interrupted=True)
+    run = client(mlflow_uri).get_run(parent.run_id)
+    assert (run.info.status, run.data.tags["esc50.state"]) == ("KILLED", "interrupted")
     again = open_search_run(mlflow_uri, opts, space, {"trials": 1})
     assert again.resumed and again.run_id == parent.run_id
+    assert client(mlflow_uri).get_run(parent.run_id).info.status == "RUNNING"
     _, runs = mlflow_runs(mlflow_uri, "cb")
     assert list(runs) == ["t1"]
     c = client(mlflow_uri)
@@ -197,6 +208,60 @@ def test_callback_logs_nothing_twice(mlflow_uri: str, tmp_path: Path) -> None:
     assert run.info.status == "FINISHED" and run.data.tags["esc50.status"] == "completed"
     assert run.data.tags["esc50.sampled"] == "lr"
     assert experiment_id(c, "esc50", mlflow_uri) == parent.experiment_id
+
+
+def _git_repo(path: Path) -> str:
+    """A git checkout at `path` with one commit of its own; its commit."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+
+    path.mkdir()
+    git("init", "-q")
+    (path / "f").write_text("other code")
+    git("add", "f")
+    git("commit", "-q", "-m", "other code")
+    return git("rev-parse", "HEAD")
+
+
+def test_a_resumed_callback_tags_the_resuming_code(
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune pickles the callback into tuner.pkl; a search resumed by other code unpickles it. Its new
+    trial runs carry the resuming code's commit, a run continued from before keeps its own commit
+    and gets the resuming one as esc50.resumed_commit (as the search run does)."""
+    from search.provenance import TAG_COMMIT, git_state
+
+    check_tracking(mlflow_uri)
+    opts = SearchOptions(
+        name="rc", shards=str(tmp_path), tracking_uri=mlflow_uri, storage=str(tmp_path)
+    ).resolve()
+    parent = open_search_run(mlflow_uri, opts, __import__("spaces").load_space("seed"), {"trials": 2})
+    first = git_state()[0]
+    cb = MLflowTrialCallback(mlflow_uri, parent.experiment_id, "rc", parent.run_id, (1,), ["lr"])
+    cb.setup()
+    t1, t2 = _trial("t1"), _trial("t2")
+    cb.on_trial_start(0, [t1], t1)
+    cb.on_trial_result(0, [t1], t1, _result(1))
+    saved = pickle.dumps(cb)  # Tune's tuner.pkl; then the driver dies
+
+    monkeypatch.setenv("ESC50_GIT_DIR", str(tmp_path / "other"))  # the resuming code's checkout
+    other = _git_repo(tmp_path / "other")
+    assert other != first
+    resumed = pickle.loads(saved)
+    resumed.setup()
+    for t in (t1, t2):
+        resumed.on_trial_start(0, [t1, t2], t)
+        resumed.on_trial_result(0, [t1, t2], t, _result(2))
+        t.last_result = _result(2)
+        resumed.on_trial_complete(0, [t1, t2], t)
+
+    _, runs = mlflow_runs(mlflow_uri, "rc")
+    tags = {tid: run.data.tags for tid, run in runs.items()}
+    assert tags["t1"][TAG_COMMIT] == first and tags["t1"]["esc50.resumed_commit"] == other
+    assert tags["t2"][TAG_COMMIT] == other and "esc50.resumed_commit" not in tags["t2"]
 
 
 class _FailsOnce:

@@ -3,10 +3,23 @@ reports and a search maximizes. Plain constants (no Ray, no torch), so anything 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 FOLDS = (1, 2, 3, 4, 5)  # ESC-50's official cross-validation folds
 METRIC, MODE = "cv_acc_mean", "max"
+
+
+def best_first(value: float | None, order: float) -> tuple[float, float]:
+    """The sort key, best trial first, that the search's summary and BBC-CV and `esc50 promote`
+    all use: the higher METRIC (MODE "max"; none or NaN ranks last); on a tie the trial Tune made
+    first (`order`: its place in Tune's trial list). Ties are common (a few epochs on few clips
+    give the same accuracy), and the first trial is what Tune's own get_best_result and Optuna's
+    best_trial pick, and what a user reading the trials in order expects: a later trial that
+    only equals it did not improve on it."""
+    if value is None or math.isnan(value):
+        value = -math.inf
+    return (-value, order)
 
 
 def check_folds(folds: Iterable[int]) -> tuple[int, ...]:

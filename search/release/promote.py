@@ -58,6 +58,7 @@ from search.store import (
     TAG_STATUS,
     TAG_TRIAL,
     TAG_TRIAL_ALIAS,
+    TAG_TRIAL_NUMBER,
     TAG_TRIAL_RUN,
     all_runs,
     client,
@@ -65,7 +66,7 @@ from search.store import (
     hide_mlflow_notices,
     trial_oof,
 )
-from trainable.protocol import METRIC
+from trainable.protocol import METRIC, best_first
 
 TRIAL_ID_KEYS = (TAG_TRIAL, TAG_TRIAL_ALIAS)  # where a trial run holds its Tune trial id
 ENTRY = "pyfunc_entry.py"  # in trainable/model/: the model's code file (models from code), names the pyfunc
@@ -86,6 +87,7 @@ class Trial:
     checkpoint: str
     cv_acc_mean: float
     cv_acc_std: float | None
+    order: float = 0.0  # its place in Tune's trial list (tag esc50.trial_number), for ties
 
     @property
     def run_id(self) -> str:
@@ -113,6 +115,8 @@ def _trial(run: Any, pruned_ok: bool = False) -> Trial | None:
         checkpoint=tags[TAG_CHECKPOINT],
         cv_acc_mean=float(metrics[METRIC]),
         cv_acc_std=metrics.get("cv_acc_std"),
+        # a run made before the place was tagged: its start (the order trials started in)
+        order=float(tags.get(TAG_TRIAL_NUMBER) or run.info.start_time or 0),
     )
 
 
@@ -163,7 +167,7 @@ def find_trial(
             f"({len(runs)} trial run(s): {', '.join(f'{n} {s}' for s, n in sorted(states.items()))}); "
             "a pruned trial can be promoted by naming it with --run or --trial"
         )
-    return max(finished, key=lambda t: t.cv_acc_mean)
+    return min(finished, key=lambda t: best_first(t.cv_acc_mean, t.order))  # the search's own rule
 
 
 def _named_trial(run: Any, what: str) -> Trial:
