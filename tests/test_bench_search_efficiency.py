@@ -76,3 +76,34 @@ def test_delivered_counts_only_completed_trials_and_check_configs_catches_defaul
     problems = bench.check_configs(bug)
     assert "trial 0: sampled lr=0.01 but trained lr=0.003" in problems
     assert "all 3 trials trained the same config" in problems
+
+
+def _result(seeds: list[int], ratios: list[float | None], proxy: str = "small") -> dict:
+    reps = [
+        {"seed": s, "ratio": r, "random": {"best_final": 0.2}, "tpe_asha": {"best_final": 0.1 + s / 100,
+         "epochs_to_deliver_B": None if r is None else 10}}
+        for s, r in zip(seeds, ratios, strict=True)
+    ]  # fmt: skip
+    return {"engine": "optuna", "rule": bench.RULE, "proxy": {"proxy": proxy, "seed": seeds[0], "repeats": len(seeds)},
+            "machine": {}, "repeats": reps, "seconds": 1.0}  # fmt: skip
+
+
+def test_merge_takes_the_median_over_every_seed_and_refuses_mismatched_runs(tmp_path: Path) -> None:
+    """Seeds run side by side are merged into one verdict: the median over all of them, a seed that
+    never delivered B counted as infinitely many epochs."""
+    parts = [_result([0, 1], [1.06, 2.2]), _result([2, 3], [None, 1.0]), _result([4], [0.58])]
+    paths = []
+    for i, r in enumerate(parts):
+        paths.append(str(tmp_path / f"part{i}.json"))
+        Path(paths[-1]).write_text(json.dumps(r))
+    bench.merge(paths, tmp_path / "merged.json")
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [r["seed"] for r in merged["repeats"]] == [0, 1, 2, 3, 4]
+    assert merged["median_ratio"] == 1.06 and merged["delivered"] == 4 and merged["verdict"] == "not met"
+    assert merged["merged_from"] == paths
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_result([5], [0.1], proxy="wide")))
+    with pytest.raises(SystemExit, match="differ"):
+        bench.merge([paths[0], str(other)], tmp_path / "x.json")
+    with pytest.raises(SystemExit, match="repeat"):
+        bench.merge([paths[0], paths[0]], tmp_path / "x.json")
