@@ -78,8 +78,7 @@ def proxy_space(trial):
 
 def proxy_space_wide(trial):
     """The wide proxy (for a GPU): the compact preset's network (width 16, 4 stages, 128-frame
-    crops), which can overfit, so regularization and augmentation matter, as in the real search.
-    The small proxy saturated near 42% within 3 epochs on a GPU: nothing there for a search to find."""
+    crops), which can overfit, so regularization and augmentation matter, as in the real search."""
     proxy_space(trial)
     trial.suggest_int("freq_mask", 0, 16, step=4)
     trial.suggest_int("time_mask", 0, 48, step=8)
