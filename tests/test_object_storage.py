@@ -119,16 +119,21 @@ def test_prepare_search_kill_resume_promote_and_an_outage_on_s3(
     _copy_objects(s3_server, outage_server, bucket, "shards/")
     (tmp_path / "outage").mkdir()
     (tmp_path / "kill").mkdir()
+    kill_uri = f"sqlite:///{tmp_path / 'kill' / 'mlflow.db'}"
     with ThreadPoolExecutor(1) as pool:
         outage = pool.submit(_search_through_an_outage, outage_server, bucket, s3_shards, tmp_path / "outage")
-        _kill_resume_and_promote(s3_server, bucket, s3_shards, tmp_path / "kill")
+        _kill_and_resume(s3_server, bucket, s3_shards, kill_uri, tmp_path / "kill")
         outage.result()  # re-raises its assertion failure
+    # promote in this process only now: MLflow's fluent API follows one global tracking URI, which
+    # the outage thread's polling (search.store.client) sets to its own store
+    _promote_from_s3(s3_server, bucket, kill_uri)
 
 
-def _kill_resume_and_promote(s3_server: S3Server, bucket: str, s3_shards: str, tmp_path: Path) -> None:
-    """`esc50 prepare` wrote the shards to S3; a search on S3 is SIGKILLed after its first trial,
-    resumed to the end, and its best trial promoted from the checkpoint and shards on S3."""
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def _kill_and_resume(
+    s3_server: S3Server, bucket: str, s3_shards: str, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """`esc50 prepare` wrote the shards to S3; a search on S3 is SIGKILLed after its first trial and
+    resumed to the end."""
     keys = s3_server.keys(bucket, "shards/")
     assert sorted(k.rsplit("/", 1)[-1] for k in keys if k.endswith(".parquet")) == [
         f"fold-{k}.parquet" for k in (1, 2, 3, 4, 5)
@@ -153,7 +158,9 @@ def _kill_resume_and_promote(s3_server: S3Server, bucket: str, s3_shards: str, t
     assert _wait(resumed, 400, tmp_path / "driver.log") == 0, (tmp_path / "driver.log").read_text()[-3000:]
     _check_search(mlflow_uri, "s3res", 2, s3_server, bucket)
 
-    # promote: the checkpoint and the out-of-fold shards come from S3 (the variables, here too)
+
+def _promote_from_s3(s3_server: S3Server, bucket: str, mlflow_uri: str) -> None:
+    """promote: the checkpoint and the out-of-fold shards come from S3 (the variables, here too)."""
     for k, v in s3_server.env.items():
         os.environ[k] = v
     try:
