@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,30 @@ def _status(url: str, user: str | None = None, password: str | None = None) -> i
         return e.code
 
 
-@pytest.fixture(scope="module")
-def auth_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
-    """(URL, admin password, artifact bucket) of a basic-auth tracking server on 127.0.0.1,
-    configured like the head's: default_permission NO_PERMISSIONS, users in SQLite, the admin
-    password from the env, artifacts in an S3 bucket (moto on loopback; the standard AWS variables)."""
+@dataclass(frozen=True)
+class AuthServer:
+    url: str
+    password: str  # the admin's
+    bucket: str  # the artifacts'
+    proc: subprocess.Popen
+    log: Path
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + STARTUP_S
+        while _ping(self.url) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server (basic-auth) did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.25)
+
+
+# Session scope, listed first by the test: the server's start (imports, two SQLite migrations: tens
+# of seconds on 2 cores) then overlaps the other session fixtures the test needs (Ray, the tiny
+# shards, the clips); the test waits for it with `wait_ready()`. Only this test uses it.
+@pytest.fixture(scope="session")
+def auth_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
+    """A basic-auth tracking server on 127.0.0.1, still starting, configured like the head's:
+    default_permission NO_PERMISSIONS, users in SQLite, the admin password from the env, artifacts
+    in an S3 bucket (moto on loopback; the standard AWS variables)."""
     root = tmp_path_factory.mktemp("auth_server")
     bucket = "esc50-mlartifacts"
     s3_server.client().create_bucket(Bucket=bucket)
@@ -85,14 +105,8 @@ def auth_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while _ping(url) is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server (basic-auth) did not start:\n{log.read_text()[-4000:]}")
-            time.sleep(0.25)
-        yield url, password, bucket
+        yield AuthServer(f"http://127.0.0.1:{port}", password, bucket, proc, log)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -112,9 +126,17 @@ def _ping(url: str) -> int | None:
 
 @pytest.mark.ray
 def test_search_and_promote_authenticate_and_anonymous_requests_are_refused(
-    ray_session, auth_server, s3_server, tiny_shards: str, new_clips, tmp_path: Path, monkeypatch, capsys
+    auth_server: AuthServer,
+    ray_session,
+    s3_server,
+    tiny_shards: str,
+    new_clips,
+    tmp_path: Path,
+    monkeypatch,
+    capsys,
 ) -> None:
-    url, password, bucket = auth_server
+    auth_server.wait_ready()
+    url, password, bucket = auth_server.url, auth_server.password, auth_server.bucket
     api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
     assert _status(api) == 401  # no credentials
     assert _status(api, "admin", "wrong") == 401

@@ -38,9 +38,11 @@ def test_gpu_bench_smoke_writes_every_measurement(
     assert layouts["flops_per_fold_epoch"] > 1e6  # a real count of a training epoch, not zero
     runs = {x["layout"]: x for x in layouts["runs"]}
     assert set(runs) == {"alone", "workers", "packed"}
-    # Fold-epochs counted per fold, for every layout: the packed worker's epochs count 5 each.
+    # Fold-epochs counted per fold, for every layout: the packed worker's epochs count 2 each (the
+    # smoke's 2 folds: a count per worker or per call, not per fold, would give `epochs`).
+    assert layouts["folds"] == runs["workers"]["folds"] == runs["packed"]["folds"] == [1, 2]
     assert runs["alone"]["fold_epochs"] == epochs and runs["alone"]["folds"] == [1]
-    assert runs["workers"]["fold_epochs"] == runs["packed"]["fold_epochs"] == 5 * epochs
+    assert runs["workers"]["fold_epochs"] == runs["packed"]["fold_epochs"] == 2 * epochs
     for x in runs.values():
         assert len(x["epoch_seconds"]) == epochs and all(s > 0 for s in x["epoch_seconds"])
         steady = x["epoch_seconds"][1:]

@@ -4,8 +4,9 @@ credentials only in the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY
 
 The search drivers run as subprocesses that join the shared Ray session with --address, as a
 driver on a cluster does: their trials get the AWS variables with the job (search/tune.py
-STORAGE_ENV), not from the test's environment. These are the slowest tests of the suite (see
-`slow`): a search killed and resumed, and one whose S3 server stops answering for 20 s."""
+STORAGE_ENV), not from the test's environment. The slowest test of the suite (see `slow`): a
+search killed and resumed, and at the same time another whose S3 server (a second one) stops
+answering for 20 s; run at once, the outage's idle seconds overlap the other search's work."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ import pytest
 from search.release.promote import promote
 from search.store import client
 from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
+from tests.fixtures.services import S3Server, moto_server
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 OUTAGE_S = 20
@@ -88,9 +92,48 @@ def s3_shards(s3_server, bucket: str, esc50_tree: Path, tiny_params) -> str:
     return uri
 
 
-def test_prepare_search_kill_resume_and_promote_on_s3(
-    ray_session, s3_server, bucket: str, s3_shards: str, mlflow_uri: str, tmp_path: Path
+@pytest.fixture(scope="module")
+def outage_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A second S3 server, for the search whose server stops answering: its SIGSTOP must not stall
+    the kill/resume search running at the same time on the first. Not waited for here: it starts
+    while `s3_shards` prepares (the test lists it first)."""
+    with moto_server(tmp_path_factory.mktemp("moto_outage") / "moto.log", wait=False) as server:
+        yield server
+
+
+def _copy_objects(src: S3Server, dst: S3Server, bucket: str, prefix: str) -> None:
+    """The bucket's objects under `prefix`, from one server to the other (the prepared shards)."""
+    a, b = src.client(), dst.client()
+    b.create_bucket(Bucket=bucket)
+    for key in src.keys(bucket, prefix):
+        b.put_object(Bucket=bucket, Key=key, Body=a.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def test_prepare_search_kill_resume_promote_and_an_outage_on_s3(
+    outage_server, ray_session, s3_server, bucket: str, s3_shards: str, tmp_path: Path
 ) -> None:
+    """Two searches at once on the shared Ray, each on its own S3 server: one killed (SIGKILL),
+    resumed and promoted; one whose server stops answering for 20 s while its trial trains.
+    Either one failing fails the test (the background one's failure is raised here)."""
+    outage_server.wait_ready()
+    _copy_objects(s3_server, outage_server, bucket, "shards/")
+    (tmp_path / "outage").mkdir()
+    (tmp_path / "kill").mkdir()
+    kill_uri = f"sqlite:///{tmp_path / 'kill' / 'mlflow.db'}"
+    with ThreadPoolExecutor(1) as pool:
+        outage = pool.submit(_search_through_an_outage, outage_server, bucket, s3_shards, tmp_path / "outage")
+        _kill_and_resume(s3_server, bucket, s3_shards, kill_uri, tmp_path / "kill")
+        outage.result()  # re-raises its assertion failure
+    # promote in this process only now: MLflow's fluent API follows one global tracking URI, which
+    # the outage thread's polling (search.store.client) sets to its own store
+    _promote_from_s3(s3_server, bucket, kill_uri)
+
+
+def _kill_and_resume(
+    s3_server: S3Server, bucket: str, s3_shards: str, mlflow_uri: str, tmp_path: Path
+) -> None:
+    """`esc50 prepare` wrote the shards to S3; a search on S3 is SIGKILLed after its first trial and
+    resumed to the end."""
     keys = s3_server.keys(bucket, "shards/")
     assert sorted(k.rsplit("/", 1)[-1] for k in keys if k.endswith(".parquet")) == [
         f"fold-{k}.parquet" for k in (1, 2, 3, 4, 5)
@@ -115,7 +158,9 @@ def test_prepare_search_kill_resume_and_promote_on_s3(
     assert _wait(resumed, 400, tmp_path / "driver.log") == 0, (tmp_path / "driver.log").read_text()[-3000:]
     _check_search(mlflow_uri, "s3res", 2, s3_server, bucket)
 
-    # promote: the checkpoint and the out-of-fold shards come from S3 (the variables, here too)
+
+def _promote_from_s3(s3_server: S3Server, bucket: str, mlflow_uri: str) -> None:
+    """promote: the checkpoint and the out-of-fold shards come from S3 (the variables, here too)."""
     for k, v in s3_server.env.items():
         os.environ[k] = v
     try:
@@ -127,12 +172,11 @@ def test_prepare_search_kill_resume_and_promote_on_s3(
     assert result.metrics["oof_clips"] == 16
 
 
-def test_search_survives_its_s3_server_stopping_for_20_s(
-    ray_session, s3_server, bucket: str, s3_shards: str, mlflow_uri: str, tmp_path: Path
-) -> None:
+def _search_through_an_outage(s3_server: S3Server, bucket: str, s3_shards: str, tmp_path: Path) -> None:
     """The S3 server stops answering (SIGSTOP: connections hang, objects kept) while the first trial
     trains. The search finishes, or fails and is resumed; then every trial has one run, each epoch
     once, and its checkpoint in the bucket."""
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = f"s3://{bucket}/tune"
     argv = ["--smoke", "--name", "s3fault", "--trials", "1", "--no-asha"]
     driver = _driver(s3_server, mlflow_uri, tmp_path, *argv, "--shards", s3_shards, "--storage", storage)
