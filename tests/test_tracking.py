@@ -165,6 +165,15 @@ def _result(epoch: int) -> dict[str, Any]:
             "fold1_acc": 0.1 * epoch, "fold1_loss": 1.0, "time_total_s": 3.0, "config": {}}  # fmt: skip
 
 
+def _finish_after_resume(cb: MLflowTrialCallback, trials: list) -> None:
+    """The resumed driver runs every trial to its second and last epoch."""
+    for t in trials:
+        cb.on_trial_start(0, trials, t)
+        cb.on_trial_result(0, trials, t, _result(2))
+        t.last_result = _result(2)
+        cb.on_trial_complete(0, trials, t)
+
+
 def test_callback_logs_nothing_twice(mlflow_uri: str, tmp_path: Path) -> None:
     check_tracking(mlflow_uri)
     opts = SearchOptions(
@@ -252,11 +261,7 @@ def test_a_resumed_callback_tags_the_resuming_code(
     assert other != first
     resumed = pickle.loads(saved)
     resumed.setup()
-    for t in (t1, t2):
-        resumed.on_trial_start(0, [t1, t2], t)
-        resumed.on_trial_result(0, [t1, t2], t, _result(2))
-        t.last_result = _result(2)
-        resumed.on_trial_complete(0, [t1, t2], t)
+    _finish_after_resume(resumed, [t1, t2])
 
     _, runs = mlflow_runs(mlflow_uri, "rc")
     tags = {tid: run.data.tags for tid, run in runs.items()}
@@ -314,11 +319,7 @@ def test_a_failure_after_creating_a_trial_run_never_makes_a_second_one(
     cb.on_trial_result(0, [t1, t2], t2, _result(1))
     resumed = pickle.loads(pickle.dumps(cb))
     resumed.setup()
-    for t in (t1, t2):
-        resumed.on_trial_start(0, [t1, t2], t)
-        resumed.on_trial_result(0, [t1, t2], t, _result(2))
-        t.last_result = _result(2)
-        resumed.on_trial_complete(0, [t1, t2], t)
+    _finish_after_resume(resumed, [t1, t2])
 
     c = client(mlflow_uri)
     everything = c.search_runs([parent.experiment_id], "tags.`esc50.role` = 'trial'", run_view_type=3)
