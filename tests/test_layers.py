@@ -17,7 +17,10 @@ PACKAGES = ("trainable", "spaces", "search")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainable", ("trainable",)),
     ("spaces", ("spaces",)),
-    ("search foundation", ("search.errors", "search.progress", "search.bbc", "search.study")),
+    (
+        "search foundation",
+        ("search.errors", "search.interrupt", "search.progress", "search.bbc", "search.study"),
+    ),
     ("tracking", ("search.provenance", "search.store", "search.tracking")),
     ("data", ("search.data",)),
     ("search options", ("search.options", "search.sampler", "search.concurrency")),
