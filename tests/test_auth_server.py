@@ -65,10 +65,10 @@ class AuthServer:
             time.sleep(0.25)
 
 
-# Session scope, listed first by the test: the server's start (imports, two SQLite migrations: tens
-# of seconds on 2 cores) then overlaps the other session fixtures the test needs (Ray, the tiny
-# shards, the clips); the test waits for it with `wait_ready()`. Only this test uses it.
-@pytest.fixture(scope="session")
+# Listed first by the test and not waited for here: the server's start (imports, two SQLite
+# migrations: tens of seconds on 2 cores) overlaps the fixtures set up after it (the clips, and Ray
+# and the tiny shards when this file runs alone); the test waits for it with `wait_ready()`.
+@pytest.fixture(scope="module")
 def auth_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
     """A basic-auth tracking server on 127.0.0.1, still starting, configured like the head's:
     default_permission NO_PERMISSIONS, users in SQLite, the admin password from the env, artifacts
