@@ -430,9 +430,10 @@ def _run_main(args: argparse.Namespace) -> int:
         args.name, args.space, args.trials, args.epochs, args.tracking_uri, args.gpus_per_fold, args.smoke
     )
     result = run_main(args.source, opts)
-    if result.promoted is None:  # interrupted (Ctrl-C): resumable, so nothing is promoted yet
+    if result.promoted is None:  # Ctrl-C in the search (resumable) or the promotion: nothing promoted
+        stage = "search" if result.search.interrupted else "promotion, after the search finished"
         print(
-            f"esc50 main: interrupted before promotion; go on with: {result.resume_commands()}",
+            f"esc50 main: interrupted in the {stage}; nothing promoted; go on with: {result.resume_commands()}",
             file=sys.stderr,
         )
         return 130

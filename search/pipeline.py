@@ -31,16 +31,17 @@ MAIN_EPOCHS: int | None = None  # the space's own (15 for `cpu`)
 class MainResult:
     prepared: PrepareResult
     search: SearchResult
-    promoted: Promotion | None  # None: the search was interrupted, nothing promoted
+    promoted: Promotion | None  # None: interrupted (Ctrl-C) in the search or the promotion
     seconds: float
 
     def resume_commands(self) -> str:
-        """How to go on after an interrupted search: resume it, then promote its best trial."""
+        """How to go on after Ctrl-C: resume the search if it was stopped, then promote its best trial
+        (the one step left when the Ctrl-C came after the search had ended)."""
         s = self.search
-        return (
-            f"esc50 search --resume {s.name} --storage {s.options.storage}"
-            f" && esc50 promote --search {s.name} --tracking-uri {s.tracking_uri}"
-        )
+        promote = f"esc50 promote --search {s.name} --tracking-uri {s.tracking_uri}"
+        if not s.interrupted:
+            return promote
+        return f"esc50 search --resume {s.name} --storage {s.options.storage} && {promote}"
 
 
 def main_options(
@@ -72,8 +73,9 @@ def run_main(
     workers: int = 2,
     model_name: str = "esc50-cnn",
 ) -> MainResult:
-    """Prepare the shards (a no-op when up to date), run the search, promote its best trial; an
-    interrupted search (Ctrl-C) is not promoted (`promoted` None): it is resumed first."""
+    """Prepare the shards (a no-op when up to date), run the search, promote its best trial. After a
+    Ctrl-C nothing is promoted (`promoted` None): an interrupted search is resumed first, and a Ctrl-C
+    during the promotion leaves the finished search to `esc50 promote`."""
     from search.data.prepare import prepare
     from search.release.promote import promote
     from search.tune import run_search
@@ -86,5 +88,8 @@ def run_main(
     result = run_search(dataclasses.replace(search, shards=prepared.out))  # prints its own summary
     if result.interrupted:
         return MainResult(prepared, result, None, time.perf_counter() - t0)
-    promoted = promote(search=result.name, tracking=result.tracking_uri, name=model_name)
+    try:
+        promoted = promote(search=result.name, tracking=result.tracking_uri, name=model_name)
+    except KeyboardInterrupt:  # the search is whole; its promotion run ends KILLED/FAILED, re-run it
+        return MainResult(prepared, result, None, time.perf_counter() - t0)
     return MainResult(prepared, result, promoted, time.perf_counter() - t0)

@@ -421,7 +421,6 @@ class MLflowTrialCallback(tune.Callback):
     # ---- Tune hooks -----------------------------------------------------------------------------
     def setup(self, **info: Any) -> None:
         self._reset()
-        interrupt.watch()  # Tune's signal handlers are in place now: note a Ctrl-C before them
 
     @_safe
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:

@@ -299,7 +299,7 @@ def _tuner(
         run_config=tune.RunConfig(
             name=opts.name,
             storage_path=opts.storage,
-            callbacks=[callback, *_progress_callbacks(opts, epochs, sampled)],
+            callbacks=[interrupt.StopWatch(), callback, *_progress_callbacks(opts, epochs, sampled)],
             stop=stop,
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=experiment.keep_checkpoints(opts.storage)),
@@ -321,8 +321,8 @@ def _progress_callbacks(opts: SearchOptions, epochs: int, sampled: list[str]) ->
 
 
 def _set_output(tuner: Any, opts: SearchOptions, sampled: list[str]) -> None:
-    """A resumed search prints as asked now (-q, default, -v), not as its first run did: the
-    restored RunConfig (Tune's private copy; there is no public setter) is adjusted."""
+    """A resumed search prints as asked now (-q, default, -v), not as its first run did, and
+    watches for Ctrl-C: the restored RunConfig (Tune's private copy; no public setter) is adjusted."""
     from search import report
     from search.tune_progress import TrialProgress
 
@@ -330,6 +330,8 @@ def _set_output(tuner: Any, opts: SearchOptions, sampled: list[str]) -> None:
         rc = tuner._local_tuner.get_run_config()
     except AttributeError:  # another Tune layout: keep what was saved
         return
+    if not any(isinstance(cb, interrupt.StopWatch) for cb in rc.callbacks or []):
+        rc.callbacks = [interrupt.StopWatch(), *(rc.callbacks or [])]  # a search saved before it had one
     rc.verbose = 1 if opts.verbose >= 2 else 0
     rc.progress_reporter = report.progress_reporter(sampled) if opts.verbose >= 2 else None
     for cb in rc.callbacks or []:

@@ -35,3 +35,21 @@ def test_main_smoke_prepares_searches_promotes_and_the_champion_predicts(
     assert main(["predict", str(clip), "--json", "--top-k", "2"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert len(row["top"]) == 2 and row["top"][0]["label"]
+
+
+def test_after_a_ctrl_c_main_names_the_steps_left() -> None:
+    """Ctrl-C in the search: resume it, then promote. Ctrl-C in the promotion, after the search ended:
+    only the promotion is left (a resume of a finished search would have nothing to do)."""
+    from search.options import SearchOptions
+    from search.pipeline import MainResult
+    from search.tune import SearchResult
+
+    fields = dict(experiment_name="esc50", experiment_id="1", parent_run_id="r", tracking_uri="sqlite:///m.db",
+                  results_dir="runs/s", best_trial_id=None, best_cv_acc_mean=None, best_cv_acc_std=None,
+                  best_checkpoint=None, best_run_id=None, counts={}, fold_epochs=0, seconds=0.0,
+                  options=SearchOptions(name="s", storage="runs"))  # fmt: skip
+    stopped = MainResult(None, SearchResult(name="s", interrupted=True, **fields), None, 1.0)  # type: ignore[arg-type]
+    ended = MainResult(None, SearchResult(name="s", interrupted=False, **fields), None, 1.0)  # type: ignore[arg-type]
+    promote = "esc50 promote --search s --tracking-uri sqlite:///m.db"
+    assert stopped.resume_commands() == f"esc50 search --resume s --storage runs && {promote}"
+    assert ended.resume_commands() == promote

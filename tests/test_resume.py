@@ -3,6 +3,7 @@ the search to exactly the requested number of trials, and MLflow gets no duplica
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,7 +108,10 @@ def test_ctrl_c_in_main_stops_before_promotion_and_the_search_resumes(
     monkeypatch.chdir(tmp_path)  # main's defaults: ./data, ./runs, ./mlflow.db
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = [sys.executable, "-m", "search", "main", "--smoke", "--trials", "1", "--source", str(esc50_tree), "--name", "cc"]  # fmt: skip
+    # esc50 main, its driver held after the first epoch until the signal: tests/fixtures/held_driver.py
+    argv = [sys.executable, "-m", "tests.fixtures.held_driver", "main", "--smoke", "--trials", "1", "--source", str(esc50_tree), "--name", "cc"]  # fmt: skip
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     log = tmp_path / "main.log"
     t0 = time.monotonic()
     with open(log, "w") as out:
@@ -116,7 +120,7 @@ def test_ctrl_c_in_main_stops_before_promotion_and_the_search_resumes(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=tmp_path,
-            env=dict(os.environ),
+            env=env,
             start_new_session=True,
         )
     try:
@@ -133,15 +137,24 @@ def test_ctrl_c_in_main_stops_before_promotion_and_the_search_resumes(
     text = log.read_text()
     print(f"main until exit: {time.monotonic() - t0:.1f} s\n{text[-4000:]}")
     assert rc == 130, text[-3000:]
+    assert "interrupted in the search;" in text, text[-3000:]
     assert "esc50 search --resume cc" in text and "esc50 promote --search cc" in text, text[-3000:]
     parent, runs = mlflow_runs(uri, "cc")
     assert parent.info.status == "KILLED" and parent.data.tags["esc50.state"] == "interrupted"
     ((tid, run),) = runs.items()
     assert (run.data.tags["esc50.status"], run.info.status) == ("interrupted", "KILLED")
     assert not client(uri).search_registered_models()  # nothing promoted
+    # The Ctrl-C came while epoch 1's checkpoint was still on its way into Tune's state (the driver
+    # was held in that result's callbacks): the stop waited for it, so the epoch is not lost.
+    assert "once the checkpoints in flight are saved" in text, text[-3000:]
+    assert run.data.tags.get("esc50.checkpoint", "").endswith("checkpoint_000000"), run.data.tags
 
-    # The command it printed goes on: the trial trains to its end in the same run.
+    # The command it printed goes on: the trial trains to its end in the same run, from epoch 1's
+    # checkpoint (Tune's result.json gets epoch 2 only; epoch 1 again would mean it was lost).
     assert main(["search", "--resume", "cc", "--storage", str(tmp_path / "runs"), "-q"]) == 0
+    (result_json,) = (tmp_path / "runs" / "cc").glob("*/result.json")
+    epochs = [json.loads(line)["epoch"] for line in result_json.read_text().splitlines() if line.strip()]
+    assert epochs == [1, 2], epochs
     parent, runs = mlflow_runs(uri, "cc")
     assert parent.info.status == "FINISHED" and list(runs) == [tid]
     assert (runs[tid].data.tags["esc50.status"], runs[tid].info.status) == ("completed", "FINISHED")
