@@ -3,6 +3,9 @@ which trials the scheduler stopped early, and the scheduler itself (ASHA over ep
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 from optuna.trial import TrialState
@@ -44,7 +47,8 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
         from optuna.exceptions import UpdateFinishedTrialError
 
         try:
-            super().on_trial_result(trial_id, result)
+            with _first_value_kept():
+                super().on_trial_result(trial_id, result)
         except UpdateFinishedTrialError:
             # A stored study can be ahead of Tune's saved state: after a killed driver, Tune
             # replays a trial the study already saw finish. Its first record stands.
@@ -59,19 +63,31 @@ class EarlyStopAwareOptunaSearch(OptunaSearch):
                 # the last epoch's value as an intermediate value too (Tune hands it only here), so
                 # a stored study's curves end where MLflow's do
                 try:
-                    self._ot_trials[trial_id].report(float(value), int(done))
-                except Exception:  # a step already reported (a resumed trial): keep the first
+                    with _first_value_kept():
+                        self._ot_trials[trial_id].report(float(value), int(done))
+                except Exception:  # a trial the stored study already saw finish: its record stands
                     pass
             return super().on_trial_complete(trial_id, result=result, error=error)
         try:
             ot_trial = self._ot_trials[trial_id]
             value = (result or {}).get(self.metric)
             if value is not None:  # Tune hands the last result here, not to on_trial_result
-                ot_trial.report(float(value), int(done))
+                with _first_value_kept():
+                    ot_trial.report(float(value), int(done))
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
         except Exception:  # e.g. a trial Optuna does not know: Tune's default handling
             return super().on_trial_complete(trial_id, result=result, error=error)
         self._completed_trials.add(trial_id)
+
+
+@contextlib.contextmanager
+def _first_value_kept() -> Iterator[None]:
+    """An epoch reported again keeps its first value, quietly. A resumed trial repeats the epochs
+    after its last saved checkpoint (a killed driver's); Optuna keeps the first value, as MLflow
+    does, but warns each time, which is noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
+        yield
 
 
 def make_searcher(space: Any, opts: SearchOptions, attrs: dict[str, str] | None = None):
