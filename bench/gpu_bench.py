@@ -20,8 +20,9 @@ from the offline bundle first (that script's header has the exact device-tool co
      (at most --search-minutes); trials completed/pruned/failed (MLflow) per hour, and the GPU's
      busy fraction sampled every 0.5 s with nvidia-smi during steps 3 and 4 (goal: >= 80%).
 
-`--ray-address host:port` runs steps 2 and 4 on that running Ray instead of starting one each; step
-3 always starts its own (its time is a user's `esc50 search` on a fresh machine). Each step gets what is left of `--budget` seconds (a step that would not fit is recorded as
+`--ray-address host:port` runs every step on that running Ray instead of starting one each (the smoke
+test's way to save start-ups); bench/gpu_run.sh does not pass it, as step 3's time is meant to be a
+user's `esc50 search` on a fresh machine, Ray's start included. Each step gets what is left of `--budget` seconds (a step that would not fit is recorded as
 skipped), and the JSON is rewritten after every step, so a run cut short keeps what it measured.
 --smoke: on CPU with tiny settings and 2 folds (what tests/test_gpu_bench.py runs): the same steps and fields.
 """
@@ -209,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ray-address",
         default=None,
-        help="run the layouts and the ASHA search on this running Ray (host:port) instead of starting "
-        "one each; the full trial still starts its own, as `esc50 search` on a fresh machine does. "
-        "The smoke test passes its session's (two Ray start-ups fewer)",
+        help="run every step on this running Ray (host:port) instead of starting one each, as "
+        "`esc50 search` on a fresh machine does. The smoke test passes its session's (three Ray "
+        "start-ups fewer; tests/test_resume.py covers a search that starts its own)",
     )
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             full_args = ["search", "--space", "full", "--trials", "1", "--name", "full", "-q", *search_args]
             full_args += ["--smoke"] if args.smoke else ["--gpus-per-fold", "0.2", "--cpus-per-fold", "1"]
+            full_args += ["--address", args.ray_address] if args.ray_address else []
             t0 = time.time()
             run = run_cli(full_args, timeout=max(30.0, left() - (40 if args.smoke else 90)), env=env)
             run["gpu"] = sampler.busy(t0, time.time())

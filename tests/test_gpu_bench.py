@@ -24,13 +24,14 @@ def test_gpu_bench_smoke_writes_every_measurement(
     # The ASHA search is stopped 3 s after its first trial shows in MLflow: enough to count trials.
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_bench.py"), "--smoke", "--shards", tiny_shards,
            "--out", str(out), "--budget", "900", "--layout-epochs", str(epochs), "--search-minutes", "0.05",
-           # the layouts and the ASHA search on the tests' shared Ray (two Ray start-ups fewer); the
-           # full trial starts its own, the only test of `esc50 search` starting a local Ray
+           # every step on the tests' shared Ray (three Ray start-ups fewer; the Ctrl-C test of
+           # tests/test_resume.py runs `esc50 main` with a Ray of its own)
            "--ray-address", ray.get_runtime_context().gcs_address]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ""}  # no default Ray: each step connects or starts as told
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())
+    print({k: round(v.get("seconds", -1), 1) for k, v in r["steps"].items()}, f"total {r['seconds']:.1f} s")
     assert r["smoke"] is True and r["machine"]["torch"] and "--ray-address" in r["command"]
     assert set(r["steps"]) == {"layouts", "full", "promote", "predict", "search"}, r["steps"].keys()
 
