@@ -55,7 +55,10 @@ def run_ui(uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") ->
     print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)", flush=True)
     for exp_id, name in search_experiments(uri):
         print(f"  experiment {name}, runs table: {runs_url(base, exp_id)}", flush=True)
-    return _serve(ui_command(uri, int(port), host))
+    # MLflow's job runner off unless asked for: its GenAI jobs have no use in browsing searches,
+    # and it starts a job process and a pool of huey consumers beside the server.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    return _serve(ui_command(uri, int(port), host), env)
 
 
 # The runs table's columns are kept per browser; a shared view (an experiment tag MLflow's UI reads
@@ -142,9 +145,9 @@ def run_dashboard(
     return _serve(dashboard_command(url, int(port), host))
 
 
-def _serve(cmd: list[str]) -> int:
+def _serve(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """Run a server command in its own process group until it ends, Ctrl-C or SIGTERM."""
-    proc = subprocess.Popen(cmd, start_new_session=True)  # its own group: stopping it stops its workers
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)  # its group: stopping it stops its workers
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -92,6 +92,7 @@ def auth_server(s3_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "MLFLOW_AUTH_CONFIG_PATH": str(ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = root / "server.log"

@@ -150,6 +150,7 @@ def test_head_runs_mlflow_with_basic_auth(prepared: dict[str, Any], tmp_path: Pa
     (start,) = [c for c in prepared["head_start_ray_commands"] if "mlflow server" in c]
     assert 'MLFLOW_AUTH_CONFIG_PATH="$HOME/mlflow/basic_auth.ini"' in start
     assert 'MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD"' in start
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in start  # as tests/test_auth_server.py runs it
     assert 'MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat ~/mlflow/flask_secret)"' in start
     (write,) = [c for c in prepared["head_start_ray_commands"] if "basic_auth.ini" in c and c != start]
     r = subprocess.run(["bash", "-c", write], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
