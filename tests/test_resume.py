@@ -18,7 +18,7 @@ from search.study import LOST_ATTR
 from tests.fixtures.records import create_store, mlflow_runs, trial_statuses
 from tests.test_tracking import assert_agree
 
-TRIALS = 3
+TRIALS = 2  # one finished before the kill, one cut off by it
 
 
 @pytest.mark.ray
