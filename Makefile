@@ -14,12 +14,14 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: install run test lint bench clean
 
-# --no-compile: byte-compiling every installed module (torch, Ray, MLflow: most never imported) was
-# a third of the install here (163 -> 100 s); Python compiles what is imported, once, on first use.
+# Not `pip --no-compile`, though it saves a minute of install: where PYTHONDONTWRITEBYTECODE is set
+# (this team's machines) nothing is compiled later either, so every Ray worker and CLI recompiles
+# Ray, MLflow and the rest from source: the suite took 24 min instead of 11
+# (bench/results/ci_run_20261129T035132Z.json).
 $(BIN)/esc50: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip $(QUIET)
-	$(BIN)/pip install -q --no-compile -e ".[dev]" $(QUIET)
+	$(BIN)/pip install -q -e ".[dev]" $(QUIET)
 	$(BIN)/python -c "import torch, torchaudio, ray, optuna, mlflow, pyarrow, soundfile"
 	touch $@
 
