@@ -433,7 +433,7 @@ def _run_main(args: argparse.Namespace) -> int:
     if result.promoted is None:  # Ctrl-C in the search (resumable) or the promotion: nothing promoted
         stage = "search" if result.search.interrupted else "promotion, after the search finished"
         print(
-            f"esc50 main: interrupted in the {stage}; nothing promoted; go on with: {result.resume_commands()}",
+            f"esc50 main: interrupted in the {stage}; nothing promoted; go on with: {result.next_commands()}",
             file=sys.stderr,
         )
         return 130

@@ -34,7 +34,7 @@ class MainResult:
     promoted: Promotion | None  # None: interrupted (Ctrl-C) in the search or the promotion
     seconds: float
 
-    def resume_commands(self) -> str:
+    def next_commands(self) -> str:
         """How to go on after Ctrl-C: resume the search if it was stopped, then promote its best trial
         (the one step left when the Ctrl-C came after the search had ended)."""
         s = self.search

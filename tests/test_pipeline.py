@@ -51,5 +51,5 @@ def test_after_a_ctrl_c_main_names_the_steps_left() -> None:
     stopped = MainResult(None, SearchResult(name="s", interrupted=True, **fields), None, 1.0)  # type: ignore[arg-type]
     ended = MainResult(None, SearchResult(name="s", interrupted=False, **fields), None, 1.0)  # type: ignore[arg-type]
     promote = "esc50 promote --search s --tracking-uri sqlite:///m.db"
-    assert stopped.resume_commands() == f"esc50 search --resume s --storage runs && {promote}"
-    assert ended.resume_commands() == promote
+    assert stopped.next_commands() == f"esc50 search --resume s --storage runs && {promote}"
+    assert ended.next_commands() == promote
